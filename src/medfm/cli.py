@@ -1,0 +1,182 @@
+"""The ``medfm`` command line: parse, call the Python API, print. Errors become one line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from medfm import __version__
+from medfm.errors import MedfmError
+
+
+def _crop(args: argparse.Namespace) -> None:
+    from medfm.data.crop import crop_manifest
+    from medfm.data.manifest import read_manifest
+
+    manifest = read_manifest(args.manifest, coords=args.coords)
+    result = crop_manifest(
+        manifest,
+        args.profile,
+        args.out,
+        nifti=args.nifti,
+        on_error=args.on_error,
+        num_workers=args.workers,
+        progress=not args.quiet,
+    )
+    print(f"wrote {result.n_written} patches to {result.patches} and {result.index}")
+    if result.nifti_dir:
+        print(f"NIfTI patches in {result.nifti_dir}")
+    if result.errors_file:
+        print(f"{len(result.errors)} bad rows in {result.errors_file}")
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from medfm.data.manifest import read_manifest
+    from medfm.evaluate.extract import extract_features
+
+    manifest = read_manifest(args.manifest, coords=args.coords)
+    result = extract_features(
+        manifest,
+        args.out,
+        model=args.model,
+        weights=args.weights or "published",
+        random_init=args.random_init,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        column_prefix=args.column_prefix,
+        on_error=args.on_error,
+        resume=args.resume,
+        min_coverage=args.min_coverage,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(f"wrote features of {result.n_rows} rows to {result.features} (provenance: {result.sidecar})")
+    if result.errors_file:
+        print(f"{len(result.errors)} bad rows in {result.errors_file}")
+
+
+def _weights(args: argparse.Namespace) -> None:
+    from medfm.models import hub
+    from medfm.models.registry import get_entry, list_models
+
+    if args.action == "list":
+        for name in list_models():
+            entry = get_entry(name)
+            if entry.weights is None:
+                print(f"{name}: no published weights")
+                continue
+            path = hub.cached_path(entry.weights)
+            print(f"{name}: {path} [{'cached' if path.is_file() else 'not cached'}] from {entry.weights.url}")
+        return
+    if not args.name:
+        raise MedfmError("name the model whose weights to download, e.g. `medfm weights download fmcib-resnet50`")
+    entry = get_entry(args.name)
+    if entry.weights is None:
+        raise MedfmError(f"model {args.name} has no published weights")
+    spec = entry.weights
+    if args.url:
+        from dataclasses import replace
+
+        spec = replace(spec, url=args.url)
+    path = hub.download(spec, progress=not args.quiet)
+    print(f"{args.name}: {path} (SHA-256 {hub.sha256_of(path)})")
+
+
+def _models(args: argparse.Namespace) -> None:
+    from medfm.data.profiles import get_profile, list_profiles
+    from medfm.models.registry import get_entry, list_models
+
+    for name in list_models():
+        entry = get_entry(name)
+        print(f"{name}: {entry.feature_dim}-d, profile {entry.profile} — {entry.description}")
+    for name in list_profiles():
+        print(f"profile {name} v{get_profile(name).version}: {get_profile(name).description}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from medfm.demo import run_demo
+
+    run_demo(args.out, model=args.model, n_patients=args.patients, num_workers=args.workers, progress=not args.quiet)
+
+
+def _add_manifest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="CSV or Parquet with image_path, coordX, coordY, coordZ")
+    p.add_argument("--coords", choices=["lps", "ras", "voxel"], default="lps", help="coordinate system of coordX/Y/Z")
+    p.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="stop at the first bad row (exit 2) or write bad rows to NAME.errors.csv and go on",
+    )
+    p.add_argument("--workers", type=int, default=1, help="processes reading volumes ahead (0: in the main process)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``medfm``."""
+    parser = argparse.ArgumentParser(prog="medfm", description="Foundation models for medical images.")
+    parser.add_argument("--version", action="version", version=f"medfm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("crop", help="cut seed-point patches and write them as .npy (+ NIfTI)")
+    _add_manifest_args(p)
+    p.add_argument("--profile", default="fmcib", help="preprocessing profile (see `medfm models`)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--nifti", action="store_true", help="also write each patch as NIfTI with its true geometry")
+    p.set_defaults(func=_crop)
+
+    p = sub.add_parser("extract", help="features of every row from a registered model")
+    _add_manifest_args(p)
+    p.add_argument("--model", default="fmcib-resnet50")
+    p.add_argument("--weights", help="weight file (default: the model's published weights from the cache)")
+    p.add_argument("--random-init", action="store_true", help="use a randomly initialised trunk (recorded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--out", required=True, help="FEATURES.parquet or FEATURES.csv")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--column-prefix", default="feat_", help="feature column prefix (FMCIB's own: pred_)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run without redoing rows")
+    p.add_argument("--min-coverage", type=float, default=0.95, help="least share of the model the weights must cover")
+    p.set_defaults(func=_extract)
+
+    p = sub.add_parser("weights", help="list or download published weights into the cache ($MEDFM_HOME)")
+    p.add_argument("action", choices=["list", "download"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--url", help="download from this URL instead of the registry's")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_weights)
+
+    p = sub.add_parser("models", help="list registered models and preprocessing profiles")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("demo", help="synthetic CT set → patches → features, end to end")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--model", default="fmcib-resnet50")
+    p.add_argument("--patients", type=int, default=4)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``medfm``; returns the exit status (2 for a medfm error, printed as one line)."""
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", module="monai")
+    try:
+        args.func(args)
+    except MedfmError as err:
+        print(f"medfm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medfm: interrupted; finished rows are kept, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

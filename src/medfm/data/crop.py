@@ -1,0 +1,95 @@
+"""``medfm crop``: cut every row's patch and write them as one array, an index, and optionally NIfTI files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medfm.data.datasets import iter_volume_items
+from medfm.data.io import Geometry, write_volume
+from medfm.data.manifest import Manifest
+from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.profiles import Profile, get_profile
+from medfm.progress import progress_bar
+
+
+@dataclass
+class CropResult:
+    """Where ``crop_manifest`` wrote its outputs and how many rows made it."""
+
+    patches: Path
+    index: Path
+    n_written: int
+    errors: dict[int, str]
+    errors_file: Path | None
+    nifti_dir: Path | None
+
+
+def crop_manifest(
+    manifest: Manifest,
+    profile: str | Profile,
+    out_dir: str | os.PathLike[str],
+    nifti: bool = False,
+    on_error: str = "raise",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> CropResult:
+    """Write ``patches.npy`` (N, C, Z, Y, X) float32 in manifest row order and ``index.csv``."""
+    profile = get_profile(profile)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    nifti_dir = out / "nifti" if nifti else None
+    if nifti_dir:
+        nifti_dir.mkdir(exist_ok=True)
+    candidates = [r for r in range(len(manifest)) if r not in manifest.row_errors]
+    slot = {row: i for i, row in enumerate(candidates)}
+    shape = (profile.channels, *profile.size)
+    errors: dict[int, str] = {}
+    done: list[int] = []
+    final = out / "patches.npy"
+    staging = out / ".patches.staging.npy"
+    try:
+        staged = np.lib.format.open_memmap(staging, mode="w+", dtype=np.float32, shape=(len(candidates), *shape))
+        with progress_bar(progress) as bar:
+            task = bar.add_task("cropping", total=len(manifest))
+            for item in iter_volume_items(manifest, profile, num_workers=num_workers, on_error=on_error):
+                errors.update(item.errors)
+                for row, patch, geometry in zip(item.rows, item.patches, item.geometries):
+                    staged[slot[row]] = patch
+                    done.append(row)
+                    if nifti_dir:
+                        _write_nifti(patch, geometry, nifti_dir, row)
+                bar.advance(task, len(item.rows) + len(item.errors))
+        done.sort()
+        with atomic_path(final) as tmp:
+            if len(done) == len(candidates):
+                staged.flush()
+                del staged
+                os.replace(staging, tmp)
+            else:  # keep only the good rows, still in manifest order
+                compact = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(done), *shape))
+                for i, row in enumerate(done):
+                    compact[i] = staged[slot[row]]
+                compact.flush()
+                del compact, staged
+    finally:
+        if staging.exists():
+            staging.unlink()
+    index = manifest.table.iloc[done].copy()
+    index.insert(0, "patch_index", np.arange(len(done)))
+    index.insert(0, "row", done)
+    index_path = write_table(index, out / "index.csv")
+    write_json(
+        {"profile": profile.to_dict(), "manifest": manifest.source, "coords": manifest.coords}, out / "crop.json"
+    )
+    errors_file = write_errors(manifest.table, errors, out / "patches.csv")
+    return CropResult(final, index_path, len(done), errors, errors_file, nifti_dir)
+
+
+def _write_nifti(patch: np.ndarray, geometry: Geometry, folder: Path, row: int) -> None:
+    for c in range(patch.shape[0]):
+        name = f"row_{row:06d}" + (f"_c{c}" if patch.shape[0] > 1 else "") + ".nii.gz"
+        write_volume(patch[c], geometry, folder / name)

@@ -1,0 +1,113 @@
+"""Datasets that read each volume once and cut the patches of all the rows that point at it."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medfm.data.io import Geometry, read_volume
+from medfm.data.manifest import Manifest
+from medfm.data.patches import plan_patch, sample_patch
+from medfm.data.profiles import Profile
+from medfm.errors import MedfmError, RowError
+
+
+@dataclass
+class VolumeItem:
+    """The patches of one volume: good rows with their patch and geometry, bad rows with a reason."""
+
+    rows: list[int] = field(default_factory=list)
+    patches: list[np.ndarray] = field(default_factory=list)
+    geometries: list[Geometry] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    warning: str | None = None
+
+
+class VolumePatches(Dataset):
+    """One item per volume: the volume is read once and every row that points at it gets its patch."""
+
+    def __init__(self, manifest: Manifest, profile: Profile, rows: list[int] | None = None) -> None:
+        self.manifest = manifest
+        self.profile = profile
+        todo = [r for r in (range(len(manifest)) if rows is None else rows) if r not in manifest.row_errors]
+        self.groups = manifest.volumes(todo)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> VolumeItem:
+        path, uid, rows = self.groups[index]
+        item = VolumeItem()
+        try:
+            volume = read_volume(path, uid)
+        except MedfmError as err:
+            item.errors = {r: str(getattr(err, "reason", err)) for r in rows}
+            return item
+        item.warning = self.profile.intensity_warning(volume.array)
+        for row in rows:
+            try:
+                plan = plan_patch(volume.geometry, self.manifest.seeds_lps[row], self.profile)
+                item.patches.append(sample_patch(volume, plan, self.profile))
+                item.geometries.append(plan.geometry)
+                item.rows.append(row)
+            except MedfmError as err:
+                item.errors[row] = str(err)
+        return item
+
+
+def _keep(item: VolumeItem) -> VolumeItem:
+    return item
+
+
+def iter_volume_items(
+    manifest: Manifest,
+    profile: Profile,
+    rows: list[int] | None = None,
+    num_workers: int = 0,
+    on_error: str = "raise",
+) -> Iterator[VolumeItem]:
+    """Yield the patches volume by volume, reading ahead in ``num_workers`` processes.
+
+    With ``on_error='raise'`` the first bad row (from the manifest checks, then from reading) raises
+    :class:`RowError`; with ``'skip'`` bad rows are reported in each item's ``errors``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
+    wanted = set(range(len(manifest)) if rows is None else rows)
+    early = {r: reason for r, reason in manifest.row_errors.items() if r in wanted}
+    if early and on_error == "raise":
+        row = min(early)
+        raise RowError(row, manifest.paths[row] or "<empty>", early[row])
+    if early:
+        yield VolumeItem(errors=early)
+    dataset = VolumePatches(manifest, profile, rows)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_keep,
+        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    warned = False
+    for item in loader:
+        if item.errors and on_error == "raise":
+            row = min(item.errors)
+            raise RowError(row, manifest.paths[row], item.errors[row])
+        if item.warning and not warned:
+            warnings.warn(
+                f"{item.warning} (first seen in {manifest.paths[item.rows[0]] if item.rows else ''})", stacklevel=2
+            )
+            warned = True
+        yield item
+
+
+def stack_patches(patches: list[np.ndarray]) -> torch.Tensor:
+    """Stack (C, Z, Y, X) patches into one float32 batch tensor."""
+    return torch.from_numpy(np.stack(patches).astype(np.float32, copy=False))

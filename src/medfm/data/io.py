@@ -1,0 +1,158 @@
+"""Read volumes (NIfTI, NRRD, MHA/MHD, DICOM series folders) with their exact geometry.
+
+Geometry follows ITK: ``world_LPS = origin + direction @ diag(spacing) @ index`` with the index in
+(x, y, z) order; arrays are returned as (Z, Y, X), what ``SimpleITK.GetArrayViewFromImage`` gives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medfm.errors import VolumeError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a volume: size (x, y, z), spacing (mm), origin (LPS mm) and direction (3×3)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # row-major 3×3, as SimpleITK gives it
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The 4×4 affine from (x, y, z) voxel index to LPS world millimetres."""
+        a = np.eye(4)
+        a[:3, :3] = np.asarray(self.direction, dtype=float).reshape(3, 3) @ np.diag(self.spacing)
+        a[:3, 3] = self.origin
+        return a
+
+    def index_to_world(self, index: np.ndarray) -> np.ndarray:
+        """Map continuous (x, y, z) indices, shape (..., 3), to LPS world millimetres."""
+        a = self.matrix
+        return np.asarray(index, dtype=float) @ a[:3, :3].T + a[:3, 3]
+
+    def world_to_index(self, world: np.ndarray) -> np.ndarray:
+        """Map LPS world millimetres, shape (..., 3), to continuous (x, y, z) indices."""
+        a = self.matrix
+        return np.linalg.solve(a[:3, :3], (np.asarray(world, dtype=float) - a[:3, 3]).T).T
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> Geometry:
+        """The geometry of a SimpleITK image."""
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+
+@dataclass
+class Volume:
+    """A read volume: its (Z, Y, X) voxel array (HU for CT) and its geometry."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: str
+
+
+def _check_3d(image: sitk.Image, path: str) -> sitk.Image:
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() != 3:
+        raise VolumeError(path, f"expected a 3D volume, got {image.GetDimension()}D of size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(path, f"expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()}")
+    return image
+
+
+def dicom_series(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """The DICOM series in a folder: series instance UID → its files sorted by slice position."""
+    folder = str(folder)
+    reader = sitk.ImageSeriesReader()
+    uids = reader.GetGDCMSeriesIDs(folder) or ()
+    return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
+
+
+def _series_files(folder: str, series_uid: str | None) -> list[str]:
+    series = dicom_series(folder)
+    if not series:
+        raise VolumeError(folder, "folder holds no DICOM series")
+    if series_uid:
+        if series_uid not in series:
+            raise VolumeError(folder, f"series {series_uid} not found; the folder holds {sorted(series)}")
+        return series[series_uid]
+    if len(series) > 1:
+        listing = ", ".join(f"{uid} ({len(f)} files)" for uid, f in sorted(series.items()))
+        raise VolumeError(folder, f"folder holds {len(series)} DICOM series, choose one with series_uid: {listing}")
+    return next(iter(series.values()))
+
+
+def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> sitk.Image:
+    """Read a volume file or a DICOM series folder as a SimpleITK image (geometry kept exactly)."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise VolumeError(path, "file not found")
+    try:
+        if os.path.isdir(path):
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_series_files(path, series_uid))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(path)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first else "")
+        raise VolumeError(path, f"cannot be read ({detail.strip()[:200]})") from None
+    return _check_3d(image, path)
+
+
+def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+    """Read a volume with its voxels as a (Z, Y, X) array in the file's own data type."""
+    image = read_image(path, series_uid)
+    array = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(array.dtype, np.number):
+        raise VolumeError(str(path), f"unsupported voxel type {array.dtype}")
+    return Volume(array=array, geometry=Geometry.of_image(image), path=str(path))
+
+
+def read_geometry(path: str | os.PathLike[str], series_uid: str | None = None) -> Geometry:
+    """Read only the geometry of a volume (the header for files; the series for DICOM folders)."""
+    path = str(path)
+    if os.path.isdir(path) or not os.path.exists(path):
+        return Geometry.of_image(read_image(path, series_uid))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise VolumeError(path, "header cannot be read") from None
+    dim = reader.GetDimension()
+    if dim not in (3, 4) or (dim == 4 and reader.GetSize()[3] != 1):
+        raise VolumeError(path, f"expected a 3D volume, got {dim}D of size {reader.GetSize()}")
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
+    return Geometry(
+        size=tuple(int(s) for s in reader.GetSize()[:3]),
+        spacing=tuple(float(s) for s in reader.GetSpacing()[:3]),
+        origin=tuple(float(o) for o in reader.GetOrigin()[:3]),
+        direction=tuple(direction.ravel().tolist()),
+    )
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[str]) -> Path:
+    """Write a (Z, Y, X) array with its geometry to any format SimpleITK knows by the suffix."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    sitk.WriteImage(image, str(path))
+    return Path(path)

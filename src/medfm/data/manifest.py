@@ -1,0 +1,142 @@
+"""Read and validate manifests: CSV or Parquet tables of images and seed points.
+
+Required columns: ``image_path`` (absolute, or relative to the manifest's folder) and ``coordX, coordY,
+coordZ``. Coordinates are world LPS millimetres unless the manifest declares ``ras`` (negated x and y) or
+``voxel`` (continuous (x, y, z) index of the file, converted with its header). The conversion happens
+here, once; every other column travels through untouched. Whole-table problems raise
+:class:`ManifestError`; problems of single rows are collected in ``row_errors`` so a run can skip them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medfm.data.io import Geometry, read_geometry
+from medfm.errors import ManifestError, MedfmError
+
+COORD_COLUMNS = ("coordX", "coordY", "coordZ")
+COORD_SYSTEMS = ("lps", "ras", "voxel")
+SERIES_COLUMN = "series_uid"
+_NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?$|^-?0?\.\d+([eE][-+]?\d+)?$")
+
+
+@dataclass
+class Manifest:
+    """A validated manifest: the table as given, resolved paths, LPS seeds, and per-row problems."""
+
+    table: pd.DataFrame
+    source: str
+    coords: str
+    paths: list[str]
+    seeds_lps: np.ndarray
+    row_errors: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def series_uid(self, row: int) -> str | None:
+        """The DICOM series chosen for a row, if the manifest has a ``series_uid`` column."""
+        if SERIES_COLUMN not in self.table.columns:
+            return None
+        value = self.table[SERIES_COLUMN].iloc[row]
+        return None if pd.isna(value) or str(value) == "" else str(value)
+
+    def volumes(self, rows: list[int] | None = None) -> list[tuple[str, str | None, list[int]]]:
+        """Group rows by the volume they read: (path, series uid, rows) in order of first appearance."""
+        groups: dict[tuple[str, str | None], list[int]] = {}
+        for row in range(len(self)) if rows is None else rows:
+            groups.setdefault((self.paths[row], self.series_uid(row)), []).append(row)
+        return [(path, uid, members) for (path, uid), members in groups.items()]
+
+
+def _infer_column(values: pd.Series) -> pd.Series:
+    """Turn a text column into numbers only when every value is a plain number (IDs like 007 stay text)."""
+    text = values.dropna()
+    if len(text) and all(_NUMBER.match(v.strip()) for v in text):
+        return pd.to_numeric(values)
+    return values
+
+
+def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a CSV or Parquet table; CSV values become numbers only where nothing would be lost."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ManifestError(f"manifest {path}: file not found")
+    try:
+        if path.endswith((".parquet", ".pq")):
+            return pd.read_parquet(path)
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except Exception as err:  # pandas raises many kinds; the message is what the user needs
+        raise ManifestError(f"manifest {path}: cannot be read ({err})") from None
+    for column in raw.columns:
+        raw[column] = _infer_column(raw[column])
+    return raw
+
+
+def read_manifest(path: str | os.PathLike[str], coords: str = "lps") -> Manifest:
+    """Read a manifest, check its columns, resolve paths and convert seeds to LPS world millimetres."""
+    if coords not in COORD_SYSTEMS:
+        raise ManifestError(f"coords={coords!r} is not allowed; choose one of {COORD_SYSTEMS}")
+    table = read_table(path)
+    return validate_manifest(table, source=str(path), base_dir=Path(path).resolve().parent, coords=coords)
+
+
+def validate_manifest(table: pd.DataFrame, source: str, base_dir: Path, coords: str = "lps") -> Manifest:
+    """Validate a manifest table already in memory (see :func:`read_manifest`)."""
+    missing = [c for c in ("image_path", *COORD_COLUMNS) if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"manifest {source}: missing column(s) {missing}; it has {list(table.columns)}. "
+            "Required: image_path, coordX, coordY, coordZ"
+        )
+    if len(table) == 0:
+        raise ManifestError(f"manifest {source}: has no rows")
+    table = table.reset_index(drop=True)
+    row_errors: dict[int, str] = {}
+    paths: list[str] = []
+    for row, value in enumerate(table["image_path"]):
+        if pd.isna(value) or str(value).strip() == "":
+            row_errors[row] = "column image_path is empty"
+            paths.append("")
+            continue
+        p = Path(str(value).strip()).expanduser()
+        paths.append(str(p if p.is_absolute() else (base_dir / p)))
+    seeds = np.full((len(table), 3), np.nan)
+    for axis, column in enumerate(COORD_COLUMNS):
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        for row in np.flatnonzero(~np.isfinite(numbers.to_numpy(dtype=float))):
+            row_errors.setdefault(
+                int(row), f"column {column} has value {table[column].iloc[row]!r}, not a finite number"
+            )
+        seeds[:, axis] = numbers.to_numpy(dtype=float)
+    for row, path in enumerate(paths):
+        if row not in row_errors and not os.path.exists(path):
+            row_errors[row] = "file not found"
+    if coords == "ras":
+        seeds[:, :2] *= -1.0
+    elif coords == "voxel":
+        seeds = _voxel_to_lps(table, paths, seeds, row_errors)
+    return Manifest(table=table, source=source, coords=coords, paths=paths, seeds_lps=seeds, row_errors=row_errors)
+
+
+def _voxel_to_lps(table: pd.DataFrame, paths: list[str], index: np.ndarray, row_errors: dict[int, str]) -> np.ndarray:
+    world = np.full_like(index, np.nan)
+    geometries: dict[tuple[str, str | None], Geometry] = {}
+    for row, path in enumerate(paths):
+        if row in row_errors:
+            continue
+        uid = table[SERIES_COLUMN].iloc[row] if SERIES_COLUMN in table.columns else None
+        key = (path, None if pd.isna(uid) else str(uid))
+        try:
+            if key not in geometries:
+                geometries[key] = read_geometry(path, key[1])
+            world[row] = geometries[key].index_to_world(index[row])
+        except MedfmError as err:
+            row_errors[row] = str(getattr(err, "reason", err))
+    return world

@@ -1,0 +1,79 @@
+"""Write outputs so that nothing is half-written: temporary file in the same folder, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_table(table: pd.DataFrame, dest: str | os.PathLike[str]) -> Path:
+    """Write a table atomically as Parquet, or as CSV when the name ends in .csv."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        if dest.suffix.lower() == ".csv":
+            table.to_csv(tmp, index=False)
+        else:
+            table.to_parquet(tmp, index=False)
+    return dest
+
+
+def write_json(data: dict[str, Any], dest: str | os.PathLike[str]) -> Path:
+    """Write JSON atomically."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return dest
+
+
+def stem_of(dest: str | os.PathLike[str]) -> Path:
+    """The output path without its table suffix (features.parquet → features)."""
+    dest = Path(dest)
+    return dest.with_suffix("") if dest.suffix.lower() in (".parquet", ".pq", ".csv") else dest
+
+
+def errors_path(dest: str | os.PathLike[str]) -> Path:
+    """Where the bad rows of an output go: ``NAME.errors.csv`` beside it."""
+    stem = stem_of(dest)
+    return stem.with_name(stem.name + ".errors.csv")
+
+
+def sidecar_path(dest: str | os.PathLike[str]) -> Path:
+    """Where an output's provenance goes: ``NAME.json`` beside it."""
+    stem = stem_of(dest)
+    return stem.with_name(stem.name + ".json")
+
+
+def write_errors(table: pd.DataFrame, errors: dict[int, str], dest: str | os.PathLike[str]) -> Path | None:
+    """Write the bad rows (all their manifest columns plus ``row`` and ``reason``), or remove a stale file."""
+    path = errors_path(dest)
+    if not errors:
+        if path.exists():
+            path.unlink()
+        return None
+    rows = sorted(errors)
+    bad = table.iloc[rows].copy()
+    bad.insert(0, "row", rows)
+    bad["reason"] = [errors[r] for r in rows]
+    return write_table(bad, path)

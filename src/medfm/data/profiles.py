@@ -1,0 +1,137 @@
+"""Named, versioned preprocessing profiles: how a patch is cut from a CT volume, as plain data.
+
+A profile fixes the output grid (spacing and patch size), where the seed falls on it, what happens at the
+volume border, and how Hounsfield units are scaled. Every model names its profile; every feature file
+records the profile it was made with, so training, extraction and fine-tuning cut the same patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from medfm.errors import ProfileError
+
+SEED_ROUNDING = ("trunc", "round")
+BORDERS = ("clamp-pad", "centred")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A 3D seed-point patch profile.
+
+    spacing: output voxel size in mm, (x, y, z); an input spacing within 1e-3 mm of it is kept as is
+        (MONAI ``Spacing``'s tolerance).
+    size: patch size (Z, Y, X) in voxels.
+    seed_rounding: ``trunc`` (Python ``int()``, towards zero, as FMCIB) or ``round`` (nearest voxel).
+    border: ``clamp-pad`` clamps the crop to the resampled grid then pads it symmetrically to ``size``
+        (the seed moves off centre near a border, as FMCIB); ``centred`` keeps the seed at the patch
+        centre and fills voxels outside the volume with ``pad_hu``.
+    hu_window: (low, high) mapped linearly to (0, 1); ``clip`` clips the result to [0, 1].
+    pad_hu: value (in HU) of every voxel that lies outside the volume.
+    """
+
+    name: str
+    version: str
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    size: tuple[int, int, int] = (50, 50, 50)
+    seed_rounding: str = "trunc"
+    border: str = "clamp-pad"
+    hu_window: tuple[float, float] = (-1024.0, 2048.0)
+    clip: bool = False
+    pad_hu: float = -1024.0
+    channels: int = 1
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.seed_rounding not in SEED_ROUNDING:
+            raise ProfileError(f"profile {self.name}: seed_rounding={self.seed_rounding!r}, allowed {SEED_ROUNDING}")
+        if self.border not in BORDERS:
+            raise ProfileError(f"profile {self.name}: border={self.border!r}, allowed {BORDERS}")
+        if len(self.size) != 3 or min(self.size) < 1:
+            raise ProfileError(f"profile {self.name}: size must be three positive voxel counts, got {self.size}")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ProfileError(f"profile {self.name}: spacing must be three positive mm, got {self.spacing}")
+        low, high = self.hu_window
+        if not high > low:
+            raise ProfileError(f"profile {self.name}: hu_window must rise, got {self.hu_window}")
+
+    def scale(self, hu: np.ndarray) -> np.ndarray:
+        """Map Hounsfield units to the model's input range, as float32."""
+        low, high = self.hu_window
+        out = (np.asarray(hu, dtype=np.float64) - low) / (high - low)
+        if self.clip:
+            out = np.clip(out, 0.0, 1.0)
+        return out.astype(np.float32)
+
+    def intensity_warning(self, array: np.ndarray) -> str | None:
+        """A warning when voxel values do not look like Hounsfield units (the commonest input error)."""
+        lo, hi = float(np.min(array)), float(np.max(array))
+        if lo >= 0 and hi <= 255:
+            return (
+                f"intensities span {lo:g}..{hi:g}, which looks like a windowed 8-bit image rather than "
+                f"Hounsfield units; profile {self.name} expects CT in HU (air about -1000)"
+            )
+        if lo >= 0 and hi > 255:
+            return (
+                f"intensities span {lo:g}..{hi:g} with nothing below 0; CT in HU has air near -1000. "
+                "Check the rescale slope/intercept of the files"
+            )
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as plain JSON-ready data."""
+        return asdict(self)
+
+
+FMCIB = Profile(
+    name="fmcib",
+    version="1",
+    description=(
+        "The published FMCIB feature pipeline: (HU+1024)/3072, linear resampling to 1 mm on MONAI "
+        "Spacingd's grid (diagonal, align_corners), LPS, seed index truncated, crop ±25 clamped to the "
+        "volume, symmetric padding to 50³."
+    ),
+)
+
+FMCIB_CENTRED = replace(
+    FMCIB,
+    name="fmcib-centred",
+    seed_rounding="round",
+    border="centred",
+    description=(
+        "FMCIB's grid and scaling with its quirks fixed: the seed is rounded to the nearest voxel and stays "
+        "at the patch centre near borders; voxels outside the volume are -1024 HU."
+    ),
+)
+
+_PROFILES: dict[str, Profile] = {}
+
+
+def register_profile(profile: Profile) -> Profile:
+    """Add a profile to the table of named profiles."""
+    if profile.name in _PROFILES and _PROFILES[profile.name] != profile:
+        raise ProfileError(f"a different profile named {profile.name!r} is already registered")
+    _PROFILES[profile.name] = profile
+    return profile
+
+
+def get_profile(name: str | Profile) -> Profile:
+    """Look a profile up by name (a Profile passes through)."""
+    if isinstance(name, Profile):
+        return name
+    try:
+        return _PROFILES[name]
+    except KeyError:
+        raise ProfileError(f"unknown profile {name!r}; known: {sorted(_PROFILES)}") from None
+
+
+def list_profiles() -> list[str]:
+    """Names of the registered profiles."""
+    return sorted(_PROFILES)
+
+
+register_profile(FMCIB)
+register_profile(FMCIB_CENTRED)

@@ -1,0 +1,227 @@
+"""``medfm extract``: features of every manifest row from a registered model, resumable, nothing lost.
+
+Volumes are read once each, in worker processes that run ahead of the network; finished rows are written
+to ``NAME.partial/`` as they complete so an interrupted run continues with ``resume=True``; the final table
+(manifest columns + features) and its JSON sidecar are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import medfm
+from medfm.data.datasets import iter_volume_items, stack_patches
+from medfm.data.manifest import Manifest
+from medfm.data.outputs import sidecar_path, stem_of, write_errors, write_json, write_table
+from medfm.data.profiles import get_profile
+from medfm.errors import MedfmError
+from medfm.models.registry import PUBLISHED, LoadedModel, load_model
+from medfm.progress import progress_bar
+
+PRECISIONS = ("32", "bf16")
+
+
+@dataclass
+class ExtractResult:
+    """Where the features went and how many rows made it."""
+
+    features: Path
+    sidecar: Path
+    errors_file: Path | None
+    n_rows: int
+    errors: dict[int, str]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class FeatureRunner:
+    """Run a model over batches of patches in eval mode, in float32 or bfloat16 autocast."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; allowed {PRECISIONS}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        """Features of a (B, C, Z, Y, X) batch as float32 (B, D)."""
+        batch = batch.to(self.device, non_blocking=True)
+        ctx = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            out = self.model(batch)
+        return out.float().cpu().numpy()
+
+
+def _partial_dir(out: Path) -> Path:
+    stem = stem_of(out)
+    return stem.with_name(stem.name + ".partial")
+
+
+def _state(manifest: Manifest, loaded: LoadedModel, column_prefix: str) -> dict[str, object]:
+    return {
+        "manifest": str(Path(manifest.source).resolve()),
+        "n_rows": len(manifest),
+        "model": loaded.entry.name,
+        "weights_sha256": loaded.weights_sha256,
+        "random_init_seed": loaded.seed if loaded.weights_path is None else None,
+        "profile": get_profile(loaded.entry.profile).to_dict(),
+        "column_prefix": column_prefix,
+    }
+
+
+def _done_rows(partial: Path, state: dict[str, object], manifest: Manifest, resume: bool) -> list[pd.DataFrame]:
+    if not resume:
+        if partial.exists():
+            shutil.rmtree(partial)
+        return []
+    if not partial.exists():
+        return []
+    previous = json.loads((partial / "state.json").read_text()) if (partial / "state.json").exists() else None
+    if previous != json.loads(json.dumps(state, default=str)):
+        raise MedfmError(
+            f"{partial} was made with other settings (manifest, model, weights, profile or column prefix); "
+            "run without --resume to start again"
+        )
+    parts = [pd.read_parquet(p) for p in sorted(partial.glob("part-*.parquet"))]
+    for part in parts:
+        for row, path in zip(part["row"], part["image_path_resolved"]):
+            if row >= len(manifest) or manifest.paths[row] != path:
+                raise MedfmError(f"{partial}: row {row} was {path}, the manifest now says otherwise; start again")
+    return parts
+
+
+def extract_features(
+    manifest: Manifest,
+    out: str | os.PathLike[str],
+    model: str = "fmcib-resnet50",
+    weights: str | os.PathLike[str] | None = PUBLISHED,
+    random_init: bool = False,
+    batch_size: int = 8,
+    num_workers: int = 1,
+    device: str = "auto",
+    precision: str = "32",
+    column_prefix: str = "feat_",
+    on_error: str = "raise",
+    resume: bool = False,
+    min_coverage: float = 0.95,
+    seed: int = 0,
+    flush_every: int = 64,
+    progress: bool = True,
+) -> ExtractResult:
+    """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``."""
+    out = Path(out)
+    if random_init and weights not in (None, PUBLISHED):
+        raise MedfmError("give either --weights or --random-init, not both")
+    loaded = load_model(model, None if random_init else weights, min_coverage=min_coverage, seed=seed)
+    runner = FeatureRunner(loaded.model, device=device, precision=precision)
+    profile = get_profile(loaded.entry.profile)
+    partial = _partial_dir(out)
+    state = _state(manifest, loaded, column_prefix)
+    parts = _done_rows(partial, state, manifest, resume)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(state, partial / "state.json")
+    done = {int(r) for part in parts for r in part["row"]}
+    todo = [r for r in range(len(manifest)) if r not in done]
+
+    errors: dict[int, str] = {}
+    pending: list[tuple[int, np.ndarray]] = []
+    finished_rows: list[int] = []
+    finished_feats: list[np.ndarray] = []
+
+    def run_batch(items: list[tuple[int, np.ndarray]]) -> None:
+        feats = runner(stack_patches([p for _, p in items]))
+        finished_rows.extend(r for r, _ in items)
+        finished_feats.append(feats)
+
+    def flush() -> None:
+        if not finished_rows:
+            return
+        frame = pd.DataFrame(
+            np.concatenate(finished_feats), columns=_feature_columns(column_prefix, finished_feats[0].shape[1])
+        )
+        frame.insert(0, "image_path_resolved", [manifest.paths[r] for r in finished_rows])
+        frame.insert(0, "row", finished_rows)
+        index = len(list(partial.glob("part-*.parquet")))
+        write_table(frame, partial / f"part-{index:05d}.parquet")
+        parts.append(frame)
+        finished_rows.clear()
+        finished_feats.clear()
+
+    start = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task("extracting", total=len(manifest), completed=len(done))
+        try:
+            for item in iter_volume_items(manifest, profile, rows=todo, num_workers=num_workers, on_error=on_error):
+                errors.update(item.errors)
+                bar.advance(task, len(item.errors))
+                pending.extend(zip(item.rows, item.patches))
+                while len(pending) >= batch_size:
+                    run_batch(pending[:batch_size])
+                    del pending[:batch_size]
+                    bar.advance(task, batch_size)
+                if len(finished_rows) >= flush_every:
+                    flush()
+            if pending:
+                run_batch(pending)
+                bar.advance(task, len(pending))
+                pending.clear()
+        finally:
+            flush()  # whatever finished is kept for --resume, even when a bad row stops the run
+
+    features = pd.concat(parts, ignore_index=True).sort_values("row") if parts else None
+    rows = [] if features is None else features["row"].astype(int).tolist()
+    table = manifest.table.iloc[rows].reset_index(drop=True)
+    if features is not None:
+        table = pd.concat([table, features.drop(columns=["row", "image_path_resolved"]).reset_index(drop=True)], axis=1)
+    write_table(table, out)
+    errors_file = write_errors(manifest.table, errors, out)
+    sidecar = write_json(
+        {
+            "medfm_version": medfm.__version__,
+            "model": loaded.entry.name,
+            "feature_dim": loaded.entry.feature_dim,
+            "weights": str(loaded.weights_path) if loaded.weights_path else None,
+            "weights_sha256": loaded.weights_sha256,
+            "random_init": loaded.weights_path is None,
+            "random_init_seed": loaded.seed if loaded.weights_path is None else None,
+            "load_report": loaded.report.to_dict() if loaded.report else None,
+            "profile": profile.to_dict(),
+            "manifest": manifest.source,
+            "coords": manifest.coords,
+            "column_prefix": column_prefix,
+            "n_rows": len(rows),
+            "n_errors": len(errors),
+            "errors_file": str(errors_file) if errors_file else None,
+            "precision": precision,
+            "device": str(runner.device),
+            "seconds": round(time.perf_counter() - start, 3),
+        },
+        sidecar_path(out),
+    )
+    shutil.rmtree(partial, ignore_errors=True)
+    return ExtractResult(out, sidecar, errors_file, len(rows), errors)
+
+
+def _feature_columns(prefix: str, dim: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(dim)]

@@ -1,0 +1,17 @@
+"""Models: the registry (zoo), network builders, safe checkpoint loading and the weight cache."""
+
+from medfm.models.checkpoints import LoadReport, load_weights, read_checkpoint
+from medfm.models.registry import PUBLISHED, LoadedModel, create, get_entry, list_models, load_model, register
+
+__all__ = [
+    "PUBLISHED",
+    "LoadReport",
+    "LoadedModel",
+    "create",
+    "get_entry",
+    "list_models",
+    "load_model",
+    "load_weights",
+    "read_checkpoint",
+    "register",
+]
