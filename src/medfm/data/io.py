@@ -6,7 +6,10 @@ Geometry follows ITK: ``world_LPS = origin + direction @ diag(spacing) @ index``
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +100,48 @@ def _series_files(folder: str, series_uid: str | None) -> list[str]:
     return next(iter(series.values()))
 
 
+def _nifti_expected_bytes(path: str) -> int | None:
+    """Bytes a single-file NIfTI-1/2 must hold (header, extensions, voxels), from its header; None if unknown."""
+    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+        hdr = f.read(540)
+    for e in "<>":
+        if len(hdr) >= 348 and struct.unpack(e + "i", hdr[:4])[0] == 348 and hdr[344:347] == b"n+1":
+            dims, bitpix = struct.unpack(e + "8h", hdr[40:56]), struct.unpack(e + "h", hdr[72:74])[0]
+            offset = int(struct.unpack(e + "f", hdr[108:112])[0])
+        elif len(hdr) >= 540 and struct.unpack(e + "i", hdr[:4])[0] == 540 and hdr[4:7] == b"n+2":
+            dims, bitpix = struct.unpack(e + "8q", hdr[16:80]), struct.unpack(e + "h", hdr[14:16])[0]
+            offset = struct.unpack(e + "q", hdr[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0:
+            return None
+        return offset + int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: str) -> None:
+    """Raise when a NIfTI file holds fewer voxel bytes than its header says (ITK fills the rest with 0)."""
+    try:
+        expected = _nifti_expected_bytes(path)
+        if expected is None:
+            return
+        if not path.lower().endswith(".gz"):
+            have = os.path.getsize(path)
+        else:
+            with open(path, "rb") as f:  # fast path: the gzip trailer holds the size mod 2**32
+                f.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+                    return
+            have = 0
+            with gzip.open(path, "rb") as f:
+                while have < expected and (chunk := f.read(1 << 22)):
+                    have += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        raise VolumeError(path, "file is truncated or corrupt (the compressed data ends early)") from None
+    if have < expected:
+        raise VolumeError(path, f"file is truncated: {have} of {expected} bytes of header and voxel data")
+
+
 def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> sitk.Image:
     """Read a volume file or a DICOM series folder as a SimpleITK image (geometry kept exactly)."""
     path = str(path)
@@ -109,6 +154,8 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> s
             image = reader.Execute()
         else:
             image = sitk.ReadImage(path)
+            if path.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_complete(path)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = next((ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first else "")

@@ -114,7 +114,7 @@ def _done_rows(partial: Path, state: dict[str, object], manifest: Manifest, resu
 def extract_features(
     manifest: Manifest,
     out: str | os.PathLike[str],
-    model: str = "fmcib-resnet50",
+    model: str | LoadedModel = "fmcib-resnet50",
     weights: str | os.PathLike[str] | None = PUBLISHED,
     random_init: bool = False,
     batch_size: int = 8,
@@ -129,11 +129,17 @@ def extract_features(
     flush_every: int = 64,
     progress: bool = True,
 ) -> ExtractResult:
-    """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``."""
+    """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``.
+
+    ``model`` is a registry name, or a :class:`LoadedModel` already built (then ``weights`` is ignored).
+    """
     out = Path(out)
     if random_init and weights not in (None, PUBLISHED):
         raise MedfmError("give either --weights or --random-init, not both")
-    loaded = load_model(model, None if random_init else weights, min_coverage=min_coverage, seed=seed)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = load_model(model, None if random_init else weights, min_coverage=min_coverage, seed=seed)
     runner = FeatureRunner(loaded.model, device=device, precision=precision)
     profile = get_profile(loaded.entry.profile)
     partial = _partial_dir(out)

@@ -1,0 +1,184 @@
+"""Speed and memory of medfm's patch cutting and extraction against the published whole-volume chain.
+
+Synthetic CT volumes of 512×512×200 voxels at 0.7×0.7×2.5 mm, several seeds each. Printed:
+  * preprocessing: seconds per patch and peak memory of the FMCIB reference chain (MONAI: read, scale,
+    resample the whole scan to 1 mm, reorient, crop — once per row, as its dataset does) and of medfm
+    (each volume read once, only the patches sampled), each in a fresh process; and their ratios;
+  * extraction: the model's own forward time on the same patches against medfm's end-to-end
+    ``extract_features`` (reading, cutting and inference overlapped), and their ratio;
+  * the largest |difference| between the two pipelines' patches.
+Times are medians over repeats. Run: ``.venv/bin/python benchmarks/extract_speed.py [--volumes 3 --seeds 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SIZE_XYZ = (512, 512, 200)
+SPACING = (0.7, 0.7, 2.5)
+
+
+def make_volumes(folder: Path, n_volumes: int, n_seeds: int) -> Path:
+    """Write CT-like volumes (body, lungs, noise) and a manifest of seeds inside the body."""
+    from medfm.data.io import Geometry, write_volume
+
+    rng = np.random.default_rng(0)
+    rows = []
+    nx, ny, nz = SIZE_XYZ
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    body = ((xx - nx / 2) / (0.45 * nx)) ** 2 + ((yy - ny / 2) / (0.38 * ny)) ** 2 <= 1
+    lungs = (((np.abs(xx - nx / 2) - 0.2 * nx) / (0.13 * nx)) ** 2 + ((yy - ny / 2) / (0.25 * ny)) ** 2) <= 1
+    for v in range(n_volumes):
+        slab = np.where(body, 40, -1000).astype(np.int16)
+        slab[lungs] = -850
+        array = np.broadcast_to(slab, (nz, ny, nx)).copy()
+        array += rng.normal(0, 15, size=array.shape).astype(np.int16)
+        geometry = Geometry(SIZE_XYZ, SPACING, (-179.0 + v, -179.0, -300.0 - 5 * v), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        path = folder / f"ct_{v}.nii"
+        write_volume(array, geometry, path)
+        for _ in range(n_seeds):
+            index = rng.uniform([120, 120, 20], [390, 390, 180])
+            world = geometry.index_to_world(index)
+            rows.append({"image_path": path.name, "coordX": world[0], "coordY": world[1], "coordZ": world[2]})
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reference_job(manifest: str, queue: mp.Queue) -> None:
+    from medfm.data.fmcib_reference import reference_transforms
+
+    table = pd.read_csv(manifest)
+    chain = reference_transforms()
+    base = _peak_rss_mb()
+    times, patches = [], []
+    for row in table.itertuples():
+        item = {
+            "image_path": str(Path(manifest).parent / row.image_path),
+            "coordX": row.coordX,
+            "coordY": row.coordY,
+            "coordZ": row.coordZ,
+        }
+        start = time.perf_counter()
+        out = chain(item)["image_path"].as_tensor().numpy()
+        times.append(time.perf_counter() - start)
+        patches.append(out)
+    queue.put(
+        {"seconds_per_patch": statistics.median(times), "peak_mb": _peak_rss_mb() - base, "patches": np.stack(patches)}
+    )
+
+
+def _medfm_job(manifest: str, repeats: int, queue: mp.Queue) -> None:
+    from medfm.data.datasets import VolumePatches
+    from medfm.data.manifest import read_manifest
+    from medfm.data.profiles import FMCIB
+
+    m = read_manifest(manifest)
+    base = _peak_rss_mb()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        items = [VolumePatches(m, FMCIB)[i] for i in range(len(VolumePatches(m, FMCIB)))]
+        times.append((time.perf_counter() - start) / len(m))
+    order = np.argsort([r for item in items for r in item.rows])
+    patches = np.stack([p for item in items for p in item.patches])[order]
+    queue.put({"seconds_per_patch": statistics.median(times), "peak_mb": _peak_rss_mb() - base, "patches": patches})
+
+
+def run_in_child(target, *args) -> dict:
+    """Run a job in a fresh process so its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def extraction(manifest: Path, model: str, repeats: int, batch_size: int, workers: int) -> tuple[float, float, float]:
+    """Seconds to build the model once, then medians of its forward alone vs medfm's extraction (same patches)."""
+    import torch
+
+    from medfm.data.crop import crop_manifest
+    from medfm.data.manifest import read_manifest
+    from medfm.evaluate.extract import FeatureRunner, extract_features
+    from medfm.models.registry import load_model
+
+    m = read_manifest(manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        crop = crop_manifest(m, "fmcib", tmp, progress=False)
+        patches = torch.from_numpy(np.load(crop.patches))
+        start = time.perf_counter()
+        loaded = load_model(model, None)
+        build = time.perf_counter() - start
+        runner = FeatureRunner(loaded.model, device="cpu")
+        runner(patches[:batch_size])  # warm-up
+        forward, end_to_end = [], []
+        for r in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, len(patches), batch_size):
+                runner(patches[i : i + batch_size])
+            forward.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            extract_features(
+                m,
+                Path(tmp) / f"f{r}.parquet",
+                model=loaded,
+                batch_size=batch_size,
+                num_workers=workers,
+                device="cpu",
+                progress=False,
+            )
+            end_to_end.append(time.perf_counter() - start)
+    return build, statistics.median(forward), statistics.median(end_to_end)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--volumes", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="fmcib-resnet50")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = make_volumes(Path(tmp), args.volumes, args.seeds)
+        n = args.volumes * args.seeds
+        print(f"{args.volumes} volumes of {SIZE_XYZ} voxels at {SPACING} mm, {n} seeds")
+        ref = run_in_child(_reference_job, str(manifest))
+        ours = run_in_child(_medfm_job, str(manifest), args.repeats)
+        diff = float(np.abs(ref["patches"] - ours["patches"]).max())
+        print("preprocessing            s/patch    peak MB")
+        print(f"  reference (MONAI)   {ref['seconds_per_patch']:10.4f} {ref['peak_mb']:10.1f}")
+        print(f"  medfm (ROI-first)   {ours['seconds_per_patch']:10.4f} {ours['peak_mb']:10.1f}")
+        print(
+            f"  speed-up {ref['seconds_per_patch'] / ours['seconds_per_patch']:.1f}×, "
+            f"memory ratio {ours['peak_mb'] / max(ref['peak_mb'], 1e-9):.3f} (goal ≥ 20× and ≤ 0.2)"
+        )
+        print(f"  max |reference − medfm| over all patches: {diff:.2e}")
+        build, forward, total = extraction(manifest, args.model, args.repeats, args.batch_size, args.workers)
+        print(f"extraction ({args.model}, batch {args.batch_size}, {args.workers} reader process(es)), {n} patches")
+        print(f"  model build (once)  {build:8.2f} s  (not in the figures below)")
+        print(f"  model forward only  {forward:8.2f} s  ({forward / n:.3f} s/patch)")
+        print(f"  medfm end to end    {total:8.2f} s  ({total / n:.3f} s/patch)")
+        print(f"  ratio {total / forward:.2f}× (goal ≤ 1.3×)")
+
+
+if __name__ == "__main__":
+    main()
