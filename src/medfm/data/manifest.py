@@ -111,9 +111,9 @@ def validate_manifest(table: pd.DataFrame, source: str, base_dir: Path, coords: 
     for axis, column in enumerate(COORD_COLUMNS):
         numbers = pd.to_numeric(table[column], errors="coerce")
         for row in np.flatnonzero(~np.isfinite(numbers.to_numpy(dtype=float))):
-            row_errors.setdefault(
-                int(row), f"column {column} has value {table[column].iloc[row]!r}, not a finite number"
-            )
+            value = table[column].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value  # nan, not np.float64(nan)
+            row_errors.setdefault(int(row), f"column {column} has value {value!r}, not a finite number")
         seeds[:, axis] = numbers.to_numpy(dtype=float)
     for row, path in enumerate(paths):
         if row not in row_errors and not os.path.exists(path):

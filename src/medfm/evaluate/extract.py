@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 import medfm
 from medfm.data.datasets import iter_volume_items, stack_patches
 from medfm.data.manifest import Manifest
-from medfm.data.outputs import sidecar_path, stem_of, write_errors, write_json, write_table
+from medfm.data.outputs import atomic_path, sidecar_path, stem_of, write_errors, write_feature_table, write_json
 from medfm.data.profiles import get_profile
 from medfm.errors import MedfmError
 from medfm.models.registry import PUBLISHED, LoadedModel, load_model
@@ -90,7 +89,9 @@ def _state(manifest: Manifest, loaded: LoadedModel, column_prefix: str) -> dict[
     }
 
 
-def _done_rows(partial: Path, state: dict[str, object], manifest: Manifest, resume: bool) -> list[pd.DataFrame]:
+def _done_rows(
+    partial: Path, state: dict[str, object], manifest: Manifest, resume: bool
+) -> list[dict[str, np.ndarray]]:
     if not resume:
         if partial.exists():
             shutil.rmtree(partial)
@@ -103,9 +104,12 @@ def _done_rows(partial: Path, state: dict[str, object], manifest: Manifest, resu
             f"{partial} was made with other settings (manifest, model, weights, profile or column prefix); "
             "run without --resume to start again"
         )
-    parts = [pd.read_parquet(p) for p in sorted(partial.glob("part-*.parquet"))]
+    parts = []
+    for file in sorted(partial.glob("part-*.npz")):
+        with np.load(file) as part:
+            parts.append({key: part[key] for key in ("rows", "paths", "features")})
     for part in parts:
-        for row, path in zip(part["row"], part["image_path_resolved"]):
+        for row, path in zip(part["rows"], part["paths"]):
             if row >= len(manifest) or manifest.paths[row] != path:
                 raise MedfmError(f"{partial}: row {row} was {path}, the manifest now says otherwise; start again")
     return parts
@@ -147,7 +151,7 @@ def extract_features(
     parts = _done_rows(partial, state, manifest, resume)
     partial.mkdir(parents=True, exist_ok=True)
     write_json(state, partial / "state.json")
-    done = {int(r) for part in parts for r in part["row"]}
+    done = {int(r) for part in parts for r in part["rows"]}
     todo = [r for r in range(len(manifest)) if r not in done]
 
     errors: dict[int, str] = {}
@@ -163,14 +167,15 @@ def extract_features(
     def flush() -> None:
         if not finished_rows:
             return
-        frame = pd.DataFrame(
-            np.concatenate(finished_feats), columns=_feature_columns(column_prefix, finished_feats[0].shape[1])
-        )
-        frame.insert(0, "image_path_resolved", [manifest.paths[r] for r in finished_rows])
-        frame.insert(0, "row", finished_rows)
-        index = len(list(partial.glob("part-*.parquet")))
-        write_table(frame, partial / f"part-{index:05d}.parquet")
-        parts.append(frame)
+        part = {
+            "rows": np.asarray(finished_rows, dtype=np.int64),
+            "paths": np.asarray([manifest.paths[r] for r in finished_rows]),
+            "features": np.concatenate(finished_feats),
+        }
+        with atomic_path(partial / f"part-{len(parts):05d}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **part)
+        parts.append(part)
         finished_rows.clear()
         finished_feats.clear()
 
@@ -195,12 +200,12 @@ def extract_features(
         finally:
             flush()  # whatever finished is kept for --resume, even when a bad row stops the run
 
-    features = pd.concat(parts, ignore_index=True).sort_values("row") if parts else None
-    rows = [] if features is None else features["row"].astype(int).tolist()
-    table = manifest.table.iloc[rows].reset_index(drop=True)
-    if features is not None:
-        table = pd.concat([table, features.drop(columns=["row", "image_path_resolved"]).reset_index(drop=True)], axis=1)
-    write_table(table, out)
+    rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order].tolist()
+    dim = parts[0]["features"].shape[1] if parts else loaded.entry.feature_dim
+    features = np.concatenate([p["features"] for p in parts])[order] if parts else np.zeros((0, dim), np.float32)
+    write_feature_table(manifest.table.iloc[rows], features, _feature_columns(column_prefix, dim), out)
     errors_file = write_errors(manifest.table, errors, out)
     sidecar = write_json(
         {

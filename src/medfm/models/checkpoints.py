@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,16 +71,35 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0] if str(err) else "unsupported content"
+        if not _is_pickle(path):  # random bytes, a web page, ...: nothing that could run code
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (neither a pickle nor safetensors)"
+            ) from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else "unsupported content")
         raise CheckpointError(
             f"{path}: refused — the file holds Python objects that could run code when loaded ({reason}). "
             "Only tensors and plain containers are accepted; convert it to a state dict or safetensors"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # torch raises many kinds on bytes that are not a checkpoint (KeyError, IndexError, ...)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
     return obj
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether a file is a torch zip archive or parses as a pickle stream (opcodes only; nothing is executed)."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            for _ in pickletools.genops(fh):
+                pass
+    except Exception:  # pickletools raises ValueError and others on bytes that are not a pickle
+        return False
+    return True
 
 
 def trunk_state_dict(checkpoint: dict[str, object]) -> dict[str, torch.Tensor]:
