@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def run_demo(
     n_patients: int = 4,
     num_workers: int = 1,
     progress: bool = True,
-    say: callable = print,  # type: ignore[valid-type]
+    say: Callable[[str], None] = print,
 ) -> DemoResult:
     """Make the synthetic set, crop it, extract features; published weights if cached, else explicit random init."""
     out = Path(out_dir)

@@ -100,9 +100,14 @@ def _series_files(folder: str, series_uid: str | None) -> list[str]:
     return next(iter(series.values()))
 
 
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def _nifti_expected_bytes(path: str) -> int | None:
     """Bytes a single-file NIfTI-1/2 must hold (header, extensions, voxels), from its header; None if unknown."""
-    with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+    with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
         hdr = f.read(540)
     for e in "<>":
         if len(hdr) >= 348 and struct.unpack(e + "i", hdr[:4])[0] == 348 and hdr[344:347] == b"n+1":
@@ -125,7 +130,7 @@ def _check_nifti_complete(path: str) -> None:
         expected = _nifti_expected_bytes(path)
         if expected is None:
             return
-        if not path.lower().endswith(".gz"):
+        if not _is_gzip(path):  # by content: ITK reads a plain NIfTI named .nii.gz too
             have = os.path.getsize(path)
         else:
             with open(path, "rb") as f:  # fast path: the gzip trailer holds the size mod 2**32

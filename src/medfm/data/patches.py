@@ -106,12 +106,12 @@ def plan_patch(geometry: Geometry, seed_lps: tuple[float, float, float] | np.nda
     centre_ras = (-seed[0], -seed[1], seed[2], 1.0)
     index = (np.linalg.inv(grid.affine_ras) @ np.asarray(centre_ras))[:3]
     shape = np.asarray(grid.shape)
-    spacing = np.linalg.norm(grid.affine_ras[:3, :3], axis=0)
-    beyond = np.maximum(np.maximum(-0.5 - index, index - (shape - 0.5)), 0.0) * spacing
+    source_index = geometry.world_to_index(seed)  # checked against the scan itself, not the 1 mm grid
+    beyond = np.maximum(np.maximum(-0.5 - source_index, source_index - (np.asarray(geometry.size) - 0.5)), 0.0)
     if np.any(beyond > 0):
+        distance = np.linalg.norm(beyond * np.asarray(geometry.spacing))
         raise PatchError(
-            f"seed ({seed[0]:.1f}, {seed[1]:.1f}, {seed[2]:.1f}) mm lies {np.linalg.norm(beyond):.0f} mm "
-            "outside the volume"
+            f"seed ({seed[0]:.1f}, {seed[1]:.1f}, {seed[2]:.1f}) mm lies {distance:.1f} mm outside the volume"
         )
     if profile.seed_rounding == "trunc":
         centre = np.array([int(c) for c in index])

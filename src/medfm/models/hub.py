@@ -87,7 +87,7 @@ def download(
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the URL comes from the registry or the user
     except urllib.error.HTTPError as err:
-        if err.code == 416 and have and spec.size == have:  # already complete
+        if err.code == 416 and have and spec.size in (None, have):  # the .part is already complete
             response = None
         else:
             raise WeightsError(f"download of {spec.url} failed: HTTP {err.code} {err.reason}") from None
@@ -95,7 +95,11 @@ def download(
         raise WeightsError(f"download of {spec.url} failed: {getattr(err, 'reason', err)}") from None
     if response is not None:
         with response:
-            resumed = have > 0 and response.status == 206
+            content_range = response.headers.get("Content-Range", "")
+            resumed = have > 0 and response.status == 206 and content_range.startswith(f"bytes {have}-")
+            if response.status == 206 and not resumed:
+                part.unlink(missing_ok=True)
+                raise WeightsError(f"{spec.url} answered a range other than asked ({content_range!r}); run it again")
             if not resumed:
                 have = 0
             length = response.headers.get("Content-Length")

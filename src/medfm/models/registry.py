@@ -91,16 +91,17 @@ def load_model(
 ) -> LoadedModel:
     """Build a registered model and load its weights: ``'published'`` (cache), a path, or None (random, seeded)."""
     entry = get_entry(name)
-    torch.manual_seed(seed)
-    model = entry.builder()
-    if weights is None:
-        return LoadedModel(model.eval(), entry, None, None, None, seed=seed)
-    if str(weights) == PUBLISHED:
+    path: Path | None = None
+    if weights is not None and str(weights) == PUBLISHED:
         if entry.weights is None:
             raise ModelError(f"model {name} has no published weights; pass a weight file or random init")
-        path = hub.resolve(entry.weights, name)
-    else:
+        path = hub.resolve(entry.weights, name)  # before building: a missing file fails at once
+    elif weights is not None:
         path = Path(weights)
+    torch.manual_seed(seed)
+    model = entry.builder()
+    if path is None:
+        return LoadedModel(model.eval(), entry, None, None, None, seed=seed)
     report = load_weights(model, path, min_coverage=min_coverage)
     return LoadedModel(model.eval(), entry, path, hub.sha256_of(path), report)
 

@@ -1,0 +1,191 @@
+"""``crop_manifest`` and ``medfm crop``: patches in manifest order, bad rows skipped or raised, NIfTI copies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medfm.cli import main
+from medfm.data.crop import crop_manifest
+from medfm.data.io import read_volume
+from medfm.data.manifest import read_manifest
+from medfm.data.patches import crop_patch, plan_patch
+from medfm.data.profiles import FMCIB
+from medfm.data.synthetic import LESION_KINDS, make_demo_dataset
+from medfm.errors import RowError
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Two synthetic patients, four lesions each: the manifest path and the expected patch of every row."""
+    folder = tmp_path_factory.mktemp("demo")
+    manifest_path = make_demo_dataset(folder, n_patients=2)
+    manifest = read_manifest(manifest_path)
+    volumes = {p: read_volume(p) for p in dict.fromkeys(manifest.paths)}
+    expected = np.stack(
+        [crop_patch(volumes[manifest.paths[r]], manifest.seeds_lps[r], FMCIB) for r in range(len(manifest))]
+    )
+    return manifest_path, expected
+
+
+def _bad_manifest(manifest_path, folder):
+    """The demo manifest with a NaN coordZ in row 2 and a missing image in row 5."""
+    table = pd.read_csv(manifest_path)
+    table["image_path"] = [str(manifest_path.parent / p) for p in table["image_path"]]
+    table.loc[2, "coordZ"] = np.nan
+    table.loc[5, "image_path"] = str(folder / "images" / "gone.nii.gz")
+    path = folder / "bad.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+def test_crop_writes_patches_index_and_nifti(tmp_path, demo):
+    manifest_path, expected = demo
+    manifest = read_manifest(manifest_path)
+    assert len(manifest) == 8 and manifest.row_errors == {}
+    result = crop_manifest(manifest, "fmcib", tmp_path / "out", nifti=True, num_workers=0, progress=False)
+
+    assert result.n_written == 8
+    assert result.errors == {} and result.errors_file is None
+    assert not (tmp_path / "out" / "patches.errors.csv").exists()
+    patches = np.load(result.patches)
+    assert patches.shape == (8, 1, 50, 50, 50)
+    assert patches.dtype == np.float32
+    np.testing.assert_array_equal(patches, expected)  # row r holds the patch of manifest row r
+    assert len({patches[i].tobytes() for i in range(8)}) == 8
+
+    index = pd.read_csv(result.index)
+    assert index["row"].tolist() == list(range(8))
+    assert index["patch_index"].tolist() == list(range(8))
+    assert index["lesion_type"].tolist() == list(LESION_KINDS) * 2
+    assert index["patient_id"].tolist() == ["P000"] * 4 + ["P001"] * 4
+    np.testing.assert_allclose(index[["coordX", "coordY", "coordZ"]].to_numpy(), manifest.seeds_lps)
+
+    sidecar = json.loads((tmp_path / "out" / "crop.json").read_text())
+    assert sidecar["profile"]["name"] == "fmcib"
+    assert sidecar["coords"] == "lps"
+    assert not list((tmp_path / "out").glob(".*"))  # no staging or temporary files left
+
+    nifti = sorted(result.nifti_dir.iterdir())
+    assert [p.name for p in nifti] == [f"row_{r:06d}.nii.gz" for r in range(8)]
+    for row in (0, 5):
+        volume = read_volume(nifti[row])
+        assert volume.geometry.size == (50, 50, 50)
+        assert volume.geometry.spacing == (1.0, 1.0, 1.0)
+        assert volume.array.dtype == np.float32
+        np.testing.assert_array_equal(volume.array, patches[row, 0])
+        # The NIfTI lies where the patch was cut: its centre voxel is within a voxel of the seed.
+        seed = manifest.seeds_lps[row]
+        np.testing.assert_allclose(
+            volume.geometry.origin,
+            plan_patch(read_volume(manifest.paths[row]).geometry, seed, FMCIB).geometry.origin,
+            atol=1e-4,
+        )
+        centre = volume.geometry.index_to_world(np.array([25.0, 25.0, 25.0]))
+        assert np.all(np.abs(centre - seed) <= 1.0 + 1e-4)
+
+
+def test_crop_skips_bad_rows(tmp_path, demo):
+    manifest_path, expected = demo
+    manifest = read_manifest(_bad_manifest(manifest_path, tmp_path))
+    result = crop_manifest(manifest, FMCIB, tmp_path / "out", on_error="skip", progress=False)
+
+    good = [0, 1, 3, 4, 6, 7]
+    assert result.n_written == 6
+    patches = np.load(result.patches)
+    assert patches.shape == (6, 1, 50, 50, 50)
+    np.testing.assert_array_equal(patches, expected[good])
+    index = pd.read_csv(result.index)
+    assert index["row"].tolist() == good
+    assert index["patch_index"].tolist() == list(range(6))
+
+    assert sorted(result.errors) == [2, 5]
+    assert result.errors_file == tmp_path / "out" / "patches.errors.csv"
+    errors = pd.read_csv(result.errors_file)
+    assert list(errors.columns) == ["row", *manifest.table.columns, "reason"]
+    assert errors["row"].tolist() == [2, 5]
+    assert errors["reason"].tolist() == ["column coordZ has value nan, not a finite number", "file not found"]
+    assert errors["lesion_type"].tolist() == ["cystic", "part-solid"]
+    assert errors["image_path"].iloc[1].endswith("gone.nii.gz")
+    assert np.isnan(errors["coordZ"].iloc[0])
+
+    # A clean rerun into the same folder removes the stale errors file.
+    clean = crop_manifest(read_manifest(manifest_path), FMCIB, tmp_path / "out", on_error="skip", progress=False)
+    assert clean.errors_file is None and not (tmp_path / "out" / "patches.errors.csv").exists()
+    assert np.load(clean.patches).shape == (8, 1, 50, 50, 50)
+
+
+def test_crop_skips_an_unreadable_volume(tmp_path, demo):
+    """A file that exists but is cut short fails when read: all its rows are skipped with the reason."""
+    manifest_path, expected = demo
+    table = pd.read_csv(manifest_path)
+    (tmp_path / "images").mkdir()
+    data = (manifest_path.parent / "images" / "patient_001.nii.gz").read_bytes()
+    (tmp_path / "images" / "patient_001.nii.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "images" / "patient_000.nii.gz").write_bytes(
+        (manifest_path.parent / "images" / "patient_000.nii.gz").read_bytes()
+    )
+    table.to_csv(tmp_path / "m.csv", index=False)
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert manifest.row_errors == {}
+    result = crop_manifest(manifest, FMCIB, tmp_path / "out", on_error="skip", progress=False)
+    assert result.n_written == 4
+    np.testing.assert_array_equal(np.load(result.patches), expected[:4])
+    assert sorted(result.errors) == [4, 5, 6, 7]
+    assert all("truncated" in reason for reason in result.errors.values())
+
+
+def test_crop_raises_on_the_first_bad_row(tmp_path, demo):
+    manifest_path, _ = demo
+    manifest = read_manifest(_bad_manifest(manifest_path, tmp_path))
+    with pytest.raises(RowError, match=r"^row 2 \(image_path=.*patient_000\.nii\.gz\): column coordZ") as info:
+        crop_manifest(manifest, FMCIB, tmp_path / "out", on_error="raise", progress=False)
+    assert info.value.row == 2
+    assert not (tmp_path / "out" / "patches.npy").exists()
+    assert not list((tmp_path / "out").glob(".*"))
+
+
+def test_cli_crop(tmp_path, demo, capsys):
+    manifest_path, expected = demo
+    out = tmp_path / "cli"
+    assert main(["crop", str(manifest_path), "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 8 patches" in captured.out
+    np.testing.assert_array_equal(np.load(out / "patches.npy"), expected)
+
+
+def test_cli_crop_skip_reports_bad_rows(tmp_path, demo, capsys):
+    manifest_path, expected = demo
+    bad = _bad_manifest(manifest_path, tmp_path)
+    out = tmp_path / "cli"
+    assert main(["crop", str(bad), "--out", str(out), "--quiet", "--on-error", "skip", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 6 patches" in captured.out
+    assert f"2 bad rows in {out / 'patches.errors.csv'}" in captured.out
+    assert np.load(out / "patches.npy").shape == (6, 1, 50, 50, 50)
+
+
+def test_cli_bad_row_exits_2_with_one_line(tmp_path, demo, capsys):
+    manifest_path, _ = demo
+    bad = _bad_manifest(manifest_path, tmp_path)
+    assert main(["crop", str(bad), "--out", str(tmp_path / "cli"), "--quiet", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("medfm: error: row 2 (image_path=")
+
+
+def test_cli_bad_manifest_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"image_path": ["a.nii.gz"], "coordX": [1.0], "coordY": [2.0]}).to_csv(path, index=False)
+    assert main(["crop", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("medfm: error:")
+    assert "missing column(s) ['coordZ']" in err[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
