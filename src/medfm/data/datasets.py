@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medfm.data.io import Geometry, read_volume
+from medfm.data.io import Geometry, read_geometry, read_region, read_volume
 from medfm.data.manifest import Manifest
-from medfm.data.patches import plan_patch, sample_patch
+from medfm.data.patches import PatchPlan, plan_patch, sample_patch, source_region
 from medfm.data.profiles import Profile
 from medfm.errors import MedfmError, RowError
 
@@ -43,20 +44,29 @@ class VolumePatches(Dataset):
     def __getitem__(self, index: int) -> VolumeItem:
         path, uid, rows = self.groups[index]
         item = VolumeItem()
+        plans: dict[int, PatchPlan] = {}
         try:
-            volume = read_volume(path, uid)
+            # Files: plan from the header, then read only the box the patches need. DICOM folders: read the series.
+            volume = read_volume(path, uid) if os.path.isdir(path) else None
+            geometry = volume.geometry if volume else read_geometry(path)
+            for row in rows:
+                try:
+                    plans[row] = plan_patch(geometry, self.manifest.seeds_lps[row], self.profile)
+                except MedfmError as err:
+                    item.errors[row] = str(err)
+            if plans and volume is None:
+                volume = read_region(path, *source_region(geometry, list(plans.values())))
         except MedfmError as err:
-            item.errors = {r: str(getattr(err, "reason", err)) for r in rows}
+            reason = str(getattr(err, "reason", err))
+            item.errors.update({r: reason for r in rows if r not in item.errors})
+            return item
+        if volume is None:
             return item
         item.warning = self.profile.intensity_warning(volume.array)
-        for row in rows:
-            try:
-                plan = plan_patch(volume.geometry, self.manifest.seeds_lps[row], self.profile)
-                item.patches.append(sample_patch(volume, plan, self.profile))
-                item.geometries.append(plan.geometry)
-                item.rows.append(row)
-            except MedfmError as err:
-                item.errors[row] = str(err)
+        for row, plan in plans.items():
+            item.patches.append(sample_patch(volume, plan, self.profile))
+            item.geometries.append(plan.geometry)
+            item.rows.append(row)
         return item
 
 

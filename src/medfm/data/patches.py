@@ -138,6 +138,25 @@ def plan_patch(geometry: Geometry, seed_lps: tuple[float, float, float] | np.nda
     )
 
 
+def source_region(geometry: Geometry, plans: list[PatchPlan]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The box of source voxels (start, size in (x, y, z) index) that the planned patches interpolate from."""
+    lows, highs = [], []
+    for plan in plans:
+        lo = np.asarray(plan.data_lo) - plan.start
+        hi = np.asarray(plan.data_hi) - plan.start - 1
+        corners = np.array(
+            [[(lo, hi)[b][a] for a, b in enumerate(bits)] for bits in itertools.product((0, 1), repeat=3)]
+        )
+        world = np.c_[corners, np.ones(8)] @ plan.affine_lps.T
+        index = geometry.world_to_index(world[:, :3])
+        lows.append(np.floor(index.min(axis=0)) - 1)  # one voxel of slack on each side for rounding
+        highs.append(np.floor(index.max(axis=0)) + 2)
+    size = np.asarray(geometry.size)
+    start = np.clip(np.min(lows, axis=0), 0, size - 1).astype(int)
+    stop = np.clip(np.max(highs, axis=0) + 1, start + 1, size).astype(int)
+    return tuple(start.tolist()), tuple((stop - start).tolist())
+
+
 def sample_trilinear(array: np.ndarray, index_xyz: np.ndarray, fill: float) -> np.ndarray:
     """Trilinear values of a (Z, Y, X) array at continuous (x, y, z) indices, ``fill`` beyond the array.
 
