@@ -54,7 +54,7 @@ def test_crop_writes_patches_index_and_nifti(tmp_path, demo):
     patches = np.load(result.patches)
     assert patches.shape == (8, 1, 50, 50, 50)
     assert patches.dtype == np.float32
-    np.testing.assert_array_equal(patches, expected)  # row r holds the patch of manifest row r
+    np.testing.assert_allclose(patches, expected, rtol=0, atol=1e-6)  # row r holds the patch of manifest row r
     assert len({patches[i].tobytes() for i in range(8)}) == 8
 
     index = pd.read_csv(result.index)
@@ -97,7 +97,7 @@ def test_crop_skips_bad_rows(tmp_path, demo):
     assert result.n_written == 6
     patches = np.load(result.patches)
     assert patches.shape == (6, 1, 50, 50, 50)
-    np.testing.assert_array_equal(patches, expected[good])
+    np.testing.assert_allclose(patches, expected[good], rtol=0, atol=1e-6)
     index = pd.read_csv(result.index)
     assert index["row"].tolist() == good
     assert index["patch_index"].tolist() == list(range(6))
@@ -133,7 +133,7 @@ def test_crop_skips_an_unreadable_volume(tmp_path, demo):
     assert manifest.row_errors == {}
     result = crop_manifest(manifest, FMCIB, tmp_path / "out", on_error="skip", progress=False)
     assert result.n_written == 4
-    np.testing.assert_array_equal(np.load(result.patches), expected[:4])
+    np.testing.assert_allclose(np.load(result.patches), expected[:4], rtol=0, atol=1e-6)
     assert sorted(result.errors) == [4, 5, 6, 7]
     assert all("truncated" in reason for reason in result.errors.values())
 
@@ -154,7 +154,7 @@ def test_cli_crop(tmp_path, demo, capsys):
     assert main(["crop", str(manifest_path), "--out", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "wrote 8 patches" in captured.out
-    np.testing.assert_array_equal(np.load(out / "patches.npy"), expected)
+    np.testing.assert_allclose(np.load(out / "patches.npy"), expected, rtol=0, atol=1e-6)
 
 
 def test_cli_crop_skip_reports_bad_rows(tmp_path, demo, capsys):

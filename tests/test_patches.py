@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from medfm.data.io import Geometry, read_volume, write_volume
+from medfm.data.io import Geometry, Volume, read_volume, write_volume
 from medfm.data.patches import crop_patch, plan_patch, resampled_grid, sample_trilinear
 from medfm.data.profiles import FMCIB, FMCIB_CENTRED
 from medfm.errors import PatchError
@@ -18,6 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader")
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 FLIP_X = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 FLIP_Y = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+_C, _S = float(np.cos(np.radians(20))), float(np.sin(np.radians(20)))
+OBLIQUE = (_C, -_S, 0.0, _S, _C, 0.0, 0.0, 0.0, 1.0)
 
 
 def scaled(hu):
@@ -35,6 +37,8 @@ PARITY_VOLUMES = {
     "flip-y": Geometry(size=(60, 76, 22), spacing=(0.9, 0.7, 2.5), origin=(33.3, 8.8, 100.0), direction=FLIP_Y),
     # Within MONAI's 1e-3 mm tolerance: the input grid is kept, not resampled to exactly 1 mm.
     "near-1mm": Geometry(size=(56, 54, 52), spacing=(1.0005, 0.9995, 1.0), origin=(-7.5, 2.25, -3.0), direction=FLIP_X),
+    # Rotated 20° about z: no corner is smallest on every axis, so MONAI centres the new grid on the old.
+    "oblique": Geometry(size=(70, 64, 22), spacing=(0.8, 0.8, 2.5), origin=(12.0, -30.5, 7.0), direction=OBLIQUE),
     # Just beyond the tolerance: resampled.
     "off-1mm": Geometry(size=(56, 54, 52), spacing=(1.002, 0.998, 1.0), origin=(-7.5, 2.25, -3.0), direction=IDENTITY),
 }
@@ -340,3 +344,22 @@ def test_patch_geometry_matches_patch_values(tmp_path):
         world = g.index_to_world(np.asarray(p, dtype=float))
         hu = sample_trilinear(array, geometry.world_to_index(world), -1024.0)
         assert patch[p[2], p[1], p[0]] == pytest.approx(scaled(hu), abs=1e-6)
+
+
+@pytest.mark.parametrize("direction", [IDENTITY, FLIP_X, (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0)])
+def test_separable_sampling_equals_pointwise_trilinear(monkeypatch, direction):
+    """Axis-aligned grids take three matrix products; they must give what point-by-point trilinear gives."""
+    import medfm.data.patches as patches
+
+    rng = np.random.default_rng(5)
+    geometry = Geometry(size=(64, 70, 30), spacing=(0.7, 0.8, 2.5), origin=(-10.0, 20.0, -50.0), direction=direction)
+    volume = Volume(rng.integers(-1024, 2000, size=(30, 70, 64)).astype(np.int16), geometry, "memory")
+    for index in ((30.0, 35.0, 15.0), (0.2, 1.0, 0.0), (63.4, 69.0, 29.4)):
+        seed = geometry.index_to_world(np.asarray(index))
+        for profile in (FMCIB, FMCIB_CENTRED):
+            plan = plan_patch(geometry, seed, profile)
+            fast = patches.sample_patch(volume, plan, profile)
+            with monkeypatch.context() as m:
+                m.setattr(patches, "_axis_map", lambda matrix: None)
+                slow = patches.sample_patch(volume, plan, profile)
+            np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-6)

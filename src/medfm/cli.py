@@ -21,7 +21,7 @@ def _crop(args: argparse.Namespace) -> None:
         args.out,
         nifti=args.nifti,
         on_error=args.on_error,
-        num_workers=args.workers,
+        num_workers=args.workers or 0,
         progress=not args.quiet,
     )
     print(f"wrote {result.n_written} patches to {result.patches} and {result.index}")
@@ -111,7 +111,12 @@ def _add_manifest_args(p: argparse.ArgumentParser) -> None:
         default="raise",
         help="stop at the first bad row (exit 2) or write bad rows to NAME.errors.csv and go on",
     )
-    p.add_argument("--workers", type=int, default=1, help="processes reading volumes ahead (0: in the main process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes reading volumes ahead (0: in the main process; default: 0 on CPU, up to 4 ahead of a GPU)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -157,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--model", default="fmcib-resnet50")
     p.add_argument("--patients", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None, help="reader processes (default: chosen by device)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
     return parser

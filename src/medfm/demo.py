@@ -29,7 +29,7 @@ def run_demo(
     out_dir: str | os.PathLike[str] = "outputs/demo",
     model: str = "fmcib-resnet50",
     n_patients: int = 4,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -39,7 +39,9 @@ def run_demo(
     say(f"synthetic CT set: {n_patients} phantoms, 4 lesions each → {manifest_path}")
     manifest = read_manifest(manifest_path)
     entry = get_entry(model)
-    crop = crop_manifest(manifest, entry.profile, out / "patches", nifti=True, progress=progress)
+    crop = crop_manifest(
+        manifest, entry.profile, out / "patches", nifti=True, num_workers=num_workers or 0, progress=progress
+    )
     say(f"patches: {crop.patches} ({crop.n_written} rows), index {crop.index}, NIfTI in {crop.nifti_dir}")
     published = entry.weights is not None and hub.cached_path(entry.weights).is_file()
     if not published:

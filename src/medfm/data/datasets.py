@@ -70,6 +70,14 @@ class VolumePatches(Dataset):
         return item
 
 
+def auto_workers(device_type: str = "cpu") -> int:
+    """Reader processes worth starting: none when the network runs on the CPU (it already uses every core and
+    cutting costs a few ms a patch), else up to four, leaving a core for the main process."""
+    if device_type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def _keep(item: VolumeItem) -> VolumeItem:
     return item
 

@@ -157,6 +157,17 @@ def source_region(geometry: Geometry, plans: list[PatchPlan]) -> tuple[tuple[int
     return tuple(start.tolist()), tuple((stop - start).tolist())
 
 
+def _block(array: np.ndarray, lo: np.ndarray, hi: np.ndarray, fill: float) -> np.ndarray:
+    """``array[lo:hi]`` (per axis) as float64, with ``fill`` wherever the box leaves the array."""
+    shape = np.asarray(array.shape)
+    src_lo, src_hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+    block = np.full(tuple(hi - lo), fill, dtype=np.float64)
+    if np.all(src_hi > src_lo):
+        dst = tuple(slice(a - b, c - b) for a, b, c in zip(src_lo, lo, src_hi))
+        block[dst] = array[tuple(slice(a, c) for a, c in zip(src_lo, src_hi))]
+    return block
+
+
 def sample_trilinear(array: np.ndarray, index_xyz: np.ndarray, fill: float) -> np.ndarray:
     """Trilinear values of a (Z, Y, X) array at continuous (x, y, z) indices, ``fill`` beyond the array.
 
@@ -166,13 +177,7 @@ def sample_trilinear(array: np.ndarray, index_xyz: np.ndarray, fill: float) -> n
     pts = np.asarray(index_xyz, dtype=np.float64)[..., ::-1].reshape(-1, 3)  # (z, y, x)
     base = np.floor(pts)
     lo = base.min(axis=0).astype(int)
-    hi = base.max(axis=0).astype(int) + 2  # exclusive, one voxel beyond for the upper neighbour
-    shape = np.asarray(array.shape)
-    src_lo, src_hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
-    block = np.full(tuple(hi - lo), fill, dtype=np.float64)
-    if np.all(src_hi > src_lo):
-        dst = tuple(slice(a - b, c - b) for a, b, c in zip(src_lo, lo, src_hi))
-        block[dst] = array[tuple(slice(a, c) for a, c in zip(src_lo, src_hi))]
+    block = _block(array, lo, base.max(axis=0).astype(int) + 2, fill)  # +2: the upper neighbour, exclusive
     i0 = (base - lo).astype(np.intp)
     f = pts - base
     z, y, x = i0[:, 0], i0[:, 1], i0[:, 2]
@@ -185,6 +190,50 @@ def sample_trilinear(array: np.ndarray, index_xyz: np.ndarray, fill: float) -> n
     return out.reshape(np.shape(index_xyz)[:-1])
 
 
+def _axis_map(patch_to_source: np.ndarray) -> list[int] | None:
+    """For each patch axis the one source axis it runs along, or None when the grids are oblique."""
+    m = np.abs(patch_to_source[:3, :3])
+    nonzero = m > 1e-9 * m.max()
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)):
+        return None
+    return [int(np.argmax(nonzero[:, a])) for a in range(3)]
+
+
+def _linear_weights(coords: np.ndarray, start: int, length: int) -> np.ndarray:
+    """(len(coords), length) matrix of 1-D linear interpolation weights over source voxels start…start+length."""
+    base = np.floor(coords)
+    frac = coords - base
+    i0 = (base - start).astype(np.intp)
+    weights = np.zeros((len(coords), length))
+    rows = np.arange(len(coords))
+    weights[rows, i0] = 1.0 - frac
+    weights[rows, i0 + 1] += frac
+    return weights
+
+
+def _sample_separable(
+    array: np.ndarray, patch_to_source: np.ndarray, axes_src: list[int], axes: list[np.ndarray], fill: float
+) -> np.ndarray:
+    """Trilinear sampling when each patch axis runs along one source axis: three small matrix products.
+
+    Same values as :func:`sample_trilinear` (trilinear weights factor per axis), ~20× faster for a 50³ patch.
+    Returns (Z, Y, X) over the given patch axes.
+    """
+    coords = [patch_to_source[axes_src[a], a] * axes[a] + patch_to_source[axes_src[a], 3] for a in range(3)]
+    lo = np.zeros(3, dtype=int)  # per source axis (x, y, z)
+    hi = np.zeros(3, dtype=int)
+    for a in range(3):
+        b = axes_src[a]
+        lo[b] = int(np.floor(coords[a].min()))
+        hi[b] = int(np.floor(coords[a].max())) + 2
+    block = _block(array, lo[::-1], hi[::-1], fill)  # (z, y, x) of the source
+    src_letters = {0: "k", 1: "j", 2: "i"}  # source axis x, y, z → block dims (i=z, j=y, k=x)
+    out_letters = {0: "c", 1: "b", 2: "a"}  # patch axis x, y, z → output dims (Z, Y, X) = a, b, c
+    weights = [_linear_weights(coords[a], lo[axes_src[a]], hi[axes_src[a]] - lo[axes_src[a]]) for a in range(3)]
+    spec = "ijk," + ",".join(out_letters[a] + src_letters[axes_src[a]] for a in range(3)) + "->abc"
+    return np.einsum(spec, block, *weights, optimize=True)
+
+
 def sample_patch(volume: Volume, plan: PatchPlan, profile: Profile) -> np.ndarray:
     """Interpolate the planned patch from the original voxels; returns (C, Z, Y, X) float32, scaled."""
     size = plan.size_xyz
@@ -193,12 +242,16 @@ def sample_patch(volume: Volume, plan: PatchPlan, profile: Profile) -> np.ndarra
     hu = np.full(size[::-1], profile.pad_hu, dtype=np.float64)  # (Z, Y, X)
     axes = [np.arange(lo[a], hi[a]) for a in range(3)]
     if all(len(a) for a in axes):
-        xx, yy, zz = np.meshgrid(*axes, indexing="ij")
-        patch_idx = np.stack([xx, yy, zz, np.ones_like(xx)], axis=-1).reshape(-1, 4).astype(float)
-        world = patch_idx @ plan.affine_lps.T
-        src_index = volume.geometry.world_to_index(world[:, :3])
-        values = sample_trilinear(volume.array, src_index, profile.pad_hu).reshape(xx.shape)
-        hu[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = values.transpose(2, 1, 0)
+        to_source = np.linalg.inv(volume.geometry.matrix) @ plan.affine_lps  # patch index → source index
+        axes_src = _axis_map(to_source)
+        if axes_src is not None:
+            values = _sample_separable(volume.array, to_source, axes_src, axes, profile.pad_hu)
+        else:
+            xx, yy, zz = np.meshgrid(*axes, indexing="ij")
+            patch_idx = np.stack([xx, yy, zz, np.ones_like(xx)], axis=-1).reshape(-1, 4).astype(float)
+            src_index = (patch_idx @ to_source.T)[:, :3]
+            values = sample_trilinear(volume.array, src_index, profile.pad_hu).reshape(xx.shape).transpose(2, 1, 0)
+        hu[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]] = values
     patch = profile.scale(hu)
     return np.repeat(patch[None], profile.channels, axis=0)
 

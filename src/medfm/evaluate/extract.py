@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import medfm
-from medfm.data.datasets import iter_volume_items, stack_patches
+from medfm.data.datasets import auto_workers, iter_volume_items, stack_patches
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import atomic_path, sidecar_path, stem_of, write_errors, write_feature_table, write_json
 from medfm.data.profiles import get_profile
@@ -122,7 +122,7 @@ def extract_features(
     weights: str | os.PathLike[str] | None = PUBLISHED,
     random_init: bool = False,
     batch_size: int = 8,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     device: str = "auto",
     precision: str = "32",
     column_prefix: str = "feat_",
@@ -136,6 +136,7 @@ def extract_features(
     """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``.
 
     ``model`` is a registry name, or a :class:`LoadedModel` already built (then ``weights`` is ignored).
+    ``num_workers=None`` chooses: reading in the main process on CPU, reader processes ahead of a GPU.
     """
     out = Path(out)
     if random_init and weights not in (None, PUBLISHED):
@@ -145,6 +146,8 @@ def extract_features(
     else:
         loaded = load_model(model, None if random_init else weights, min_coverage=min_coverage, seed=seed)
     runner = FeatureRunner(loaded.model, device=device, precision=precision)
+    if num_workers is None:
+        num_workers = auto_workers(runner.device.type)
     profile = get_profile(loaded.entry.profile)
     partial = _partial_dir(out)
     state = _state(manifest, loaded, column_prefix)
