@@ -147,6 +147,13 @@ def _check_nifti_complete(path: str) -> None:
         raise VolumeError(path, f"file is truncated: {have} of {expected} bytes of header and voxel data")
 
 
+def _unreadable(path: str, err: RuntimeError) -> VolumeError:
+    """ITK's multi-line exception as one short reason: its error line."""
+    lines = str(err).strip().splitlines()
+    detail = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else "")
+    return VolumeError(path, f"cannot be read ({detail.strip()[:200]})")
+
+
 def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> sitk.Image:
     """Read a volume file or a DICOM series folder as a SimpleITK image (geometry kept exactly)."""
     path = str(path)
@@ -162,9 +169,7 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> s
                 _check_nifti_complete(path)
             image = sitk.ReadImage(path)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "rror" in ln), first[-1] if first else "")
-        raise VolumeError(path, f"cannot be read ({detail.strip()[:200]})") from None
+        raise _unreadable(path, err) from None
     return _check_3d(image, path)
 
 
@@ -199,9 +204,7 @@ def read_region(
         reader.SetExtractSize([int(v) for v in size_xyz] + [1] * extra)
         image = reader.Execute()
     except RuntimeError as err:
-        lines = str(err).strip().splitlines()
-        detail = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else "")
-        raise VolumeError(path, f"cannot be read ({detail.strip()[:200]})") from None
+        raise _unreadable(path, err) from None
     image = _check_3d(image, path)
     return Volume(array=sitk.GetArrayFromImage(image), geometry=Geometry.of_image(image), path=path)
 
