@@ -102,6 +102,104 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, model=args.model, n_patients=args.patients, num_workers=args.workers, progress=not args.quiet)
 
 
+def _probe(args: argparse.Namespace) -> None:
+    from medfm.evaluate.probe import run_probe
+
+    result = run_probe(
+        args.features,
+        args.label,
+        args.out,
+        scoring=args.scoring,
+        search=args.search,
+        trials=args.trials,
+        split_column=args.split_column,
+        cv=args.cv,
+        group=args.group,
+        test_size=args.test_size,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        storage=args.storage,
+        feature_prefix=args.feature_prefix,
+        progress=not args.quiet,
+    )
+    print(f"test {result.scoring}: {result.test_metric}  (best C {result.best_c:.3g})")
+    print(f"results in {result.results} (and results.md, predictions.csv, roc.png, pr.png); probe {result.probe}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from medfm.evaluate.probe import predict
+
+    print(f"wrote {predict(args.probe, args.features, args.out)}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import json
+
+    from medfm.evaluate.probe import compare
+
+    report = compare(args.a, args.b, n_bootstrap=args.bootstrap, seed=args.seed)
+    d = report["difference"]
+    print(
+        f"{report['scoring']} A − B = {d['value']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}), "
+        f"bootstrap p = {report['bootstrap_p']:.3g}, {report['n_test']} test rows"
+    )
+    if "delong" in report:
+        dl = report["delong"]
+        print(f"DeLong: AUC {dl['auc_a']:.3f} vs {dl['auc_b']:.3f}, z = {dl['z']:.2f}, p = {dl['p_value']:.3g}")
+    if args.out:
+        from medfm.data.outputs import write_json
+
+        write_json(report, args.out)
+    else:
+        print(json.dumps(report, indent=2))
+
+
+def _fewshot(args: argparse.Namespace) -> None:
+    from medfm.evaluate.fewshot import run_fewshot
+
+    for summary in run_fewshot(
+        args.features,
+        args.label,
+        ways=args.ways,
+        shots=args.shots,
+        episodes=args.episodes,
+        split_column=args.split_column,
+        group=args.group,
+        test_size=args.test_size,
+        seed=args.seed,
+    ):
+        print(summary)
+
+
+def _knn(args: argparse.Namespace) -> None:
+    from medfm.evaluate.knn import run_knn
+
+    report = run_knn(
+        args.features,
+        args.label,
+        k=args.k,
+        temperature=args.temperature,
+        split_column=args.split_column,
+        group=args.group,
+        test_size=args.test_size,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
+    for name, m in report["test"].items():
+        print(
+            f"kNN (k={args.k}, T={args.temperature}) {name}: {m['value']:.3f} (95% CI {m['low']:.3f}–{m['high']:.3f})"
+        )
+
+
+def _add_table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("features", help="feature table (Parquet or CSV) with feat_<i> or pred_<i> columns")
+    p.add_argument("--label", required=True, help="label column")
+    p.add_argument("--split-column", default="split", help="column with train/val/test (absent: a held-out test)")
+    p.add_argument("--group", help="patient column: no patient on both sides of a split; CIs resample patients")
+    p.add_argument("--test-size", type=float, default=0.2, help="held-out share when there is no split column")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_manifest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", help="CSV or Parquet with image_path, coordX, coordY, coordZ")
     p.add_argument("--coords", choices=["lps", "ras", "voxel"], default="lps", help="coordinate system of coordX/Y/Z")
@@ -155,6 +253,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_weights)
 
+    p = sub.add_parser("probe", help="tuned logistic-regression probe on a feature table, test metric with CI")
+    _add_table_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--scoring", default="roc_auc", choices=["roc_auc", "average_precision", "balanced_accuracy", "accuracy"]
+    )
+    p.add_argument(
+        "--search", default="optuna", choices=["optuna", "grid"], help="Optuna TPE over log C, or the 45-point grid"
+    )
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--cv", type=int, help="search over K grouped folds of train+val instead of train→val")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--storage", help="Optuna storage URL shared by several processes, e.g. sqlite:///study.db")
+    p.add_argument("--feature-prefix", help="feature column prefix (default feat_, else pred_)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_probe)
+
+    p = sub.add_parser("predict", help="apply a saved probe (probe.json) to a feature table")
+    p.add_argument("probe")
+    p.add_argument("features")
+    p.add_argument("--out", required=True, help="P.csv or P.parquet")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("compare", help="paired bootstrap CI of the difference of two probes, and DeLong for AUC")
+    p.add_argument("a", help="results.json of probe A")
+    p.add_argument("b", help="results.json of probe B")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the comparison as JSON")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("fewshot", help="N-way K-shot episodes: prototype and logistic heads")
+    _add_table_args(p)
+    p.add_argument("--ways", type=int, default=2)
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--episodes", type=int, default=600)
+    p.set_defaults(func=_fewshot)
+
+    p = sub.add_parser("knn", help="cosine-weighted k-nearest-neighbour accuracy and AUC")
+    _add_table_args(p)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.set_defaults(func=_knn)
+
     p = sub.add_parser("models", help="list registered models and preprocessing profiles")
     p.set_defaults(func=_models)
 
@@ -174,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="monai")
     try:
         args.func(args)
-    except MedfmError as err:
+    except (MedfmError, ValueError) as err:
         print(f"medfm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

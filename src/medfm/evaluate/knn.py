@@ -1,0 +1,77 @@
+"""Weighted k-nearest-neighbour evaluation of frozen features, as SSL libraries report it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from medfm.evaluate.features import read_labelled
+from medfm.evaluate.metrics import bootstrap_ci
+from medfm.evaluate.splits import holdout
+
+
+class KNNProbe:
+    """Cosine similarity, the k nearest training rows vote with weight exp(similarity / temperature)."""
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> None:
+        if k < 1 or temperature <= 0:
+            raise ValueError(f"need k ≥ 1 and temperature > 0; got k={k}, temperature={temperature}")
+        self.k, self.temperature, self.chunk = k, temperature, chunk
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> KNNProbe:
+        """Remember the L2-normalised training features and their labels."""
+        x = np.asarray(x, dtype=np.float64)
+        self.x_ = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        self.classes_, self.y_ = np.unique(np.asarray(y), return_inverse=True)
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Normalised class votes (n, n_classes)."""
+        x = np.asarray(x, dtype=np.float64)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        k = min(self.k, len(self.x_))
+        out = np.zeros((len(x), len(self.classes_)))
+        for start in range(0, len(x), self.chunk):
+            sims = x[start : start + self.chunk] @ self.x_.T
+            nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            weights = np.exp(np.take_along_axis(sims, nearest, axis=1) / self.temperature)
+            votes = out[start : start + self.chunk]
+            np.add.at(votes, (np.arange(len(votes))[:, None], self.y_[nearest]), weights)
+        return out / out.sum(axis=1, keepdims=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The class with the largest weighted vote."""
+        return self.classes_[np.argmax(self.predict_proba(x), axis=1)]
+
+
+def run_knn(
+    features: str | os.PathLike[str] | pd.DataFrame,
+    label: str,
+    k: int = 20,
+    temperature: float = 0.07,
+    split_column: str | None = "split",
+    group: str | None = None,
+    test_size: float = 0.2,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, object]:
+    """kNN accuracy, balanced accuracy and AUC on the test rows (train = all other rows), with bootstrap CIs."""
+    data = read_labelled(features, label, group)
+    development, test = holdout(data.table, data.y, split_column, data.groups, test_size, seed)
+    knn = KNNProbe(k, temperature).fit(data.x[development], data.y[development])
+    proba = knn.predict_proba(data.x[test])
+    groups = None if data.groups is None else data.groups[test]
+    metrics = {
+        m: bootstrap_ci(m, data.y[test], proba, knn.classes_, groups, n_bootstrap, seed=seed).to_dict()
+        for m in ("accuracy", "balanced_accuracy", "roc_auc")
+    }
+    return {
+        "label": label,
+        "k": k,
+        "temperature": temperature,
+        "n_train": len(development),
+        "n_test": len(test),
+        "test": metrics,
+    }

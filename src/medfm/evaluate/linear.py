@@ -1,0 +1,223 @@
+"""``LinearProbe``: standardise → logistic regression, its regularisation searched on validation folds.
+
+Fast on wide features: with fewer samples than features, an L2-penalised linear model's weights lie in the
+span of the training rows, so each fold is fitted on its rows' coordinates in that span (an n×n problem
+instead of n×4096) with identical predictions; and every fit starts from the solution of the nearest
+regularisation already fitted (warm start), so a 100-trial search costs little more than a few cold fits.
+Saved probes are plain arrays (``.npz``) and JSON: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from medfm.evaluate.metrics import check_metric, score
+
+SEARCHES = ("optuna", "grid")
+# The SSL-transfer benchmark's grid: 45 log-spaced L2 strengths for L-BFGS logistic regression.
+GRID_C = tuple(float(c) for c in np.logspace(-6, 5, 45))
+
+
+@dataclass
+class _Fold:
+    """One search fold, standardised and projected onto the span of its training rows."""
+
+    z_train: np.ndarray
+    y_train: np.ndarray
+    z_val: np.ndarray
+    y_val: np.ndarray
+    fitted: dict[float, tuple[np.ndarray, np.ndarray]]
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0
+    return mean, scale
+
+
+def _row_span(xs: np.ndarray) -> np.ndarray | None:
+    """Orthonormal basis (d, r) of the rows' span, or None when there are more rows than features."""
+    n, d = xs.shape
+    if n >= d:
+        return None
+    _, s, vt = np.linalg.svd(xs, full_matrices=False)
+    keep = s > s[0] * 1e-10 if len(s) else s > 0
+    return vt[keep].T
+
+
+class LinearProbe:
+    """Logistic-regression probe with standardisation and a searched L2 strength, sklearn style."""
+
+    def __init__(
+        self,
+        scoring: str = "roc_auc",
+        search: str = "optuna",
+        trials: int = 100,
+        c_range: tuple[float, float] = (1e-6, 1e3),
+        seed: int = 0,
+        storage: str | None = None,
+        study_name: str | None = None,
+        max_iter: int = 2000,
+    ) -> None:
+        check_metric(scoring)
+        if search not in SEARCHES:
+            raise ValueError(f"search={search!r}; allowed {SEARCHES}")
+        if trials < 1:
+            raise ValueError(f"trials={trials}; give at least 1")
+        if not 0 < c_range[0] < c_range[1]:
+            raise ValueError(f"c_range={c_range}; needs 0 < low < high")
+        self.scoring = scoring
+        self.search = search
+        self.trials = trials
+        self.c_range = c_range
+        self.seed = seed
+        self.storage = storage
+        self.study_name = study_name
+        self.max_iter = max_iter
+
+    # -- fitting ----------------------------------------------------------------------------------------------
+    def _fit_one(self, z: np.ndarray, y: np.ndarray, c: float, start: tuple[np.ndarray, np.ndarray] | None):
+        """Fit at strength ``c``, warm-started from ``start``; returns (coef, intercept)."""  # noqa: D401
+        model = LogisticRegression(C=c, max_iter=self.max_iter, warm_start=start is not None, tol=1e-6)
+        if start is not None:
+            model.coef_, model.intercept_ = start[0].copy(), start[1].copy()
+            model.classes_ = np.unique(y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(z, y)
+        return model.coef_.copy(), model.intercept_.copy()
+
+    def _fold_score(self, fold: _Fold, c: float) -> float:
+        nearest = min(fold.fitted, key=lambda k: abs(np.log(k) - np.log(c))) if fold.fitted else None
+        coef, intercept = self._fit_one(fold.z_train, fold.y_train, c, fold.fitted.get(nearest))
+        fold.fitted[c] = (coef, intercept)
+        return score(self.scoring, fold.y_val, _probabilities(fold.z_val @ coef.T + intercept), self.classes_)
+
+    def _objective(self, folds: list[_Fold], c: float) -> float:
+        return float(np.mean([self._fold_score(f, c) for f in folds]))
+
+    def fit(self, x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], progress=None):  # noqa: ANN001, ANN201
+        """Search C on ``folds`` (index pairs into ``x``), then refit on every row of ``x`` with the best C."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"the label has one class only ({self.classes_[0]!r}); a probe needs two or more")
+        prepared = []
+        for train, val in folds:
+            mean, scale = _standardise(x[train])
+            xs_train, xs_val = (x[train] - mean) / scale, (x[val] - mean) / scale
+            basis = _row_span(xs_train)
+            if basis is not None:
+                xs_train, xs_val = xs_train @ basis, xs_val @ basis
+            prepared.append(_Fold(xs_train, y[train], xs_val, y[val], {}))
+        self.trials_: list[tuple[float, float]] = []
+        if self.search == "grid":
+            for c in GRID_C:
+                self.trials_.append((c, self._objective(prepared, c)))
+                if progress:
+                    progress()
+            self.best_c_ = max(self.trials_, key=lambda t: (t[1], -abs(np.log10(t[0]))))[0]
+        else:
+            self.best_c_ = self._optuna_search(prepared, progress)
+        self._refit(x, y, self.best_c_)
+        return self
+
+    def _optuna_search(self, folds: list[_Fold], progress) -> float:  # noqa: ANN001
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=self.seed),
+            storage=self.storage,
+            study_name=self.study_name,
+            load_if_exists=self.storage is not None,
+        )
+
+        def objective(trial: optuna.Trial) -> float:
+            c = trial.suggest_float("C", *self.c_range, log=True)
+            value = self._objective(folds, c)
+            self.trials_.append((c, value))
+            return value
+
+        callbacks = [lambda study, trial: progress()] if progress else None
+        study.optimize(objective, n_trials=self.trials, callbacks=callbacks)
+        return float(study.best_params["C"])
+
+    def _refit(self, x: np.ndarray, y: np.ndarray, c: float) -> None:
+        self.mean_, self.scale_ = _standardise(x)
+        xs = (x - self.mean_) / self.scale_
+        basis = _row_span(xs)
+        coef, self.intercept_ = self._fit_one(xs if basis is None else xs @ basis, y, c, None)
+        self.coef_ = coef if basis is None else coef @ basis.T  # back to the standardised feature space
+
+    # -- predicting -------------------------------------------------------------------------------------------
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """Linear scores (n, 1) for binary, (n, K) for multi-class."""
+        return ((np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, n_classes), columns in the order of ``classes_``."""
+        return _probabilities(self.decision_function(x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The most probable class of each row."""
+        return self.classes_[np.argmax(self.predict_proba(x), axis=1)]
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        """The probe's ``scoring`` metric on (x, y)."""
+        return score(self.scoring, np.asarray(y), self.predict_proba(x), self.classes_)
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], feature_columns: list[str] | None = None) -> Path:
+        """Write ``path.npz`` (arrays) and ``path.json`` (everything else); no pickle anywhere."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            path.with_suffix(".npz"), mean=self.mean_, scale=self.scale_, coef=self.coef_, intercept=self.intercept_
+        )
+        meta = {
+            "kind": "medfm.LinearProbe",
+            "classes": self.classes_.tolist(),
+            "best_c": self.best_c_,
+            "scoring": self.scoring,
+            "search": self.search,
+            "feature_columns": feature_columns,
+        }
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path.with_suffix(".json")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> tuple[LinearProbe, list[str] | None]:
+        """Read a probe written by :meth:`save` (arrays loaded with ``allow_pickle=False``)."""
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if meta.get("kind") != "medfm.LinearProbe":
+            raise ValueError(f"{path.with_suffix('.json')} is not a saved medfm probe")
+        probe = cls(scoring=meta["scoring"], search=meta["search"])
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrays:
+            probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]
+            probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
+        probe.classes_ = np.asarray(meta["classes"])
+        probe.best_c_ = meta["best_c"]
+        return probe, meta.get("feature_columns")
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    """Binary (n, 1) logits → (n, 2) probabilities; (n, K) → softmax."""
+    if logits.shape[1] == 1:
+        p = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        return np.c_[1.0 - p, p]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)

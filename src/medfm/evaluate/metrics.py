@@ -1,0 +1,179 @@
+"""Metrics of predictions and their uncertainty: AUC, AP, balanced accuracy, bootstrap CIs, DeLong.
+
+Plain arrays in, numbers out; nothing here imports torch. ``proba`` is always (n, n_classes) with rows
+summing to one; binary metrics read its last column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score
+from sklearn.preprocessing import label_binarize
+
+METRICS = ("roc_auc", "average_precision", "balanced_accuracy", "accuracy")
+
+
+def check_metric(metric: str) -> str:
+    """Return ``metric`` if known, else raise ValueError listing the allowed names."""
+    if metric not in METRICS:
+        raise ValueError(f"scoring={metric!r} is not known; allowed {METRICS}")
+    return metric
+
+
+def score(metric: str, y: np.ndarray, proba: np.ndarray, classes: np.ndarray | None = None) -> float:
+    """One metric of class probabilities; multi-class AUC is one-vs-rest macro, AP is macro mAP."""
+    y = np.asarray(y)
+    proba = np.asarray(proba, dtype=float)
+    classes = np.arange(proba.shape[1]) if classes is None else np.asarray(classes)
+    if metric in ("balanced_accuracy", "accuracy"):
+        predicted = classes[np.argmax(proba, axis=1)]
+        fn = balanced_accuracy_score if metric == "balanced_accuracy" else accuracy_score
+        return float(fn(y, predicted))
+    if len(classes) == 2:
+        positive = (y == classes[1]).astype(int)
+        fn = roc_auc_score if metric == "roc_auc" else average_precision_score
+        return float(fn(positive, proba[:, 1]))
+    onehot = label_binarize(y, classes=classes)
+    present = onehot.sum(axis=0) > 0
+    if metric == "roc_auc":
+        return float(np.mean([roc_auc_score(onehot[:, k], proba[:, k]) for k in np.flatnonzero(present)]))
+    return float(average_precision_score(onehot[:, present], proba[:, present], average="macro"))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap confidence interval."""
+
+    value: float
+    low: float
+    high: float
+    level: float
+    n_resamples: int
+
+    def to_dict(self) -> dict[str, float]:
+        """The interval as plain data."""
+        return {
+            "value": self.value,
+            "low": self.low,
+            "high": self.high,
+            "level": self.level,
+            "n_resamples": self.n_resamples,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} ({self.level:.0%} CI {self.low:.3f}–{self.high:.3f})"
+
+
+def _resample_indices(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    if groups is None:
+        return rng.integers(0, n, size=n)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    chosen = rng.integers(0, len(unique), size=len(unique))
+    return np.concatenate([members[g] for g in chosen])
+
+
+def bootstrap_ci(
+    metric: str,
+    y: np.ndarray,
+    proba: np.ndarray,
+    classes: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap CI of a metric; resamples whole groups (patients) when ``groups`` is given."""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        idx = _resample_indices(len(y), groups, rng)
+        if len(np.unique(y[idx])) < 2:
+            continue  # a resample with one class has no AUC; skipping is the usual convention
+        values.append(score(metric, y[idx], proba[idx], classes))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha]) if values else (np.nan, np.nan)
+    return Interval(score(metric, y, proba, classes), float(low), float(high), level, len(values))
+
+
+def paired_bootstrap(
+    metric: str,
+    y: np.ndarray,
+    proba_a: np.ndarray,
+    proba_b: np.ndarray,
+    classes: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[Interval, float]:
+    """CI of metric(A) − metric(B) on the same resamples, and the two-sided bootstrap p-value of no difference."""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_resamples):
+        idx = _resample_indices(len(y), groups, rng)
+        if len(np.unique(y[idx])) < 2:
+            continue
+        diffs.append(score(metric, y[idx], proba_a[idx], classes) - score(metric, y[idx], proba_b[idx], classes))
+    diffs = np.asarray(diffs)
+    alpha = (1 - level) / 2
+    point = score(metric, y, proba_a, classes) - score(metric, y, proba_b, classes)
+    low, high = np.quantile(diffs, [alpha, 1 - alpha])
+    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+    return Interval(float(point), float(low), float(high), level, len(diffs)), float(p)
+
+
+@dataclass(frozen=True)
+class DeLong:
+    """DeLong's test of two correlated ROC AUCs on the same cases."""
+
+    auc_a: float
+    auc_b: float
+    z: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, float]:
+        """The test as plain data."""
+        return dict(self.__dict__)
+
+
+def _structural_components(positive: np.ndarray, negative: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    m, n = len(positive), len(negative)
+    tx = stats.rankdata(positive)
+    ty = stats.rankdata(negative)
+    tz = stats.rankdata(np.concatenate([positive, negative]))
+    auc = (tz[:m].sum() - m * (m + 1) / 2) / (m * n)
+    v01 = (tz[:m] - tx) / n
+    v10 = 1.0 - (tz[m:] - ty) / m
+    return auc, v01, v10
+
+
+def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, level: float = 0.95) -> DeLong:
+    """DeLong et al. (1988) test of AUC(A) = AUC(B) for binary labels (fast midrank form of Sun & Xu 2014)."""
+    y = np.asarray(y).astype(bool)
+    comps = [_structural_components(np.asarray(s)[y], np.asarray(s)[~y]) for s in (score_a, score_b)]
+    aucs = np.array([c[0] for c in comps])
+    v01 = np.stack([c[1] for c in comps])
+    v10 = np.stack([c[2] for c in comps])
+    cov = np.cov(v01) / y.sum() + np.cov(v10) / (~y).sum()
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    diff = aucs[0] - aucs[1]
+    if var <= 0:
+        return DeLong(float(aucs[0]), float(aucs[1]), 0.0, 1.0, float(diff), float(diff))
+    z = diff / np.sqrt(var)
+    half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(var)
+    return DeLong(
+        float(aucs[0]),
+        float(aucs[1]),
+        float(z),
+        float(2 * stats.norm.sf(abs(z))),
+        float(diff - half),
+        float(diff + half),
+    )

@@ -1,0 +1,212 @@
+"""``medfm probe`` / ``predict`` / ``compare``: a tuned linear probe, honest test metrics with CIs, saved as data."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medfm.data.outputs import write_json, write_table
+from medfm.errors import ManifestError, MedfmError
+from medfm.evaluate.features import feature_columns, read_features, read_labelled
+from medfm.evaluate.linear import LinearProbe
+from medfm.evaluate.metrics import METRICS, Interval, bootstrap_ci, delong_test, paired_bootstrap
+from medfm.evaluate.splits import make_splits
+from medfm.progress import progress_bar
+
+
+@dataclass
+class ProbeResult:
+    """The test metrics of a fitted probe and where its files are."""
+
+    scoring: str
+    metrics: dict[str, Interval]
+    best_c: float
+    out_dir: Path
+    results: Path
+    probe: Path
+
+    @property
+    def test_metric(self) -> Interval:
+        """The metric the search optimised, on the test rows, with its CI."""
+        return self.metrics[self.scoring]
+
+
+def run_probe(
+    features: str | os.PathLike[str] | pd.DataFrame,
+    label: str,
+    out_dir: str | os.PathLike[str],
+    scoring: str = "roc_auc",
+    search: str = "optuna",
+    trials: int = 100,
+    split_column: str | None = "split",
+    cv: int | None = None,
+    group: str | None = None,
+    test_size: float = 0.2,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    storage: str | None = None,
+    feature_prefix: str | None = None,
+    progress: bool = True,
+) -> ProbeResult:
+    """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test."""
+    data = read_labelled(features, label, group, feature_prefix)
+    table, x, y, groups, columns = data.table, data.x, data.y, data.groups, data.columns
+    splits = make_splits(table, y, split_column, cv, groups, test_size, seed)
+    dev = splits.development
+    folds = [(np.searchsorted(dev, a), np.searchsorted(dev, b)) for a, b in splits.folds]
+    probe = LinearProbe(
+        scoring=scoring,
+        search=search,
+        trials=trials,
+        seed=seed,
+        storage=storage,
+        study_name=f"medfm-probe-{label}" if storage else None,
+    )
+    total = 45 if search == "grid" else trials
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"searching C ({search})", total=total)
+        probe.fit(x[dev], y[dev], folds, progress=lambda: bar.advance(task))
+    test = splits.test
+    proba = probe.predict_proba(x[test])
+    test_groups = None if groups is None else groups[test]
+    metrics = {m: bootstrap_ci(m, y[test], proba, probe.classes_, test_groups, n_bootstrap, seed=seed) for m in METRICS}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probe_path = probe.save(out / "probe", feature_columns=columns)
+    predictions = pd.DataFrame({"row": data.rows[test], label: y[test]})
+    if group:
+        predictions[group] = groups[test]
+    for k, c in enumerate(probe.classes_):
+        predictions[f"proba_{c}"] = proba[:, k]
+    predictions["predicted"] = probe.classes_[np.argmax(proba, axis=1)]
+    write_table(predictions, out / "predictions.csv")
+    counts = {
+        name: {str(c): int(np.sum(y[idx] == c)) for c in probe.classes_}
+        for name, idx in (("development", dev), ("test", test))
+    }
+    summary = {
+        "label": label,
+        "scoring": scoring,
+        "test": {m: metrics[m].to_dict() for m in METRICS},
+        "best_c": probe.best_c_,
+        "search": {"kind": search, "trials": len(probe.trials_), "folds": len(folds), "how": splits.how},
+        "class_balance": counts,
+        "grouped_by": group,
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "features": str(features) if not isinstance(features, pd.DataFrame) else "<DataFrame>",
+        "n_features": len(columns),
+        "predictions": "predictions.csv",
+        "probe": probe_path.name,
+    }
+    results = write_json(summary, out / "results.json")
+    (out / "results.md").write_text(_markdown(summary, metrics))
+    _plot_curves(y[test], proba, probe.classes_, metrics, out)
+    return ProbeResult(scoring, metrics, probe.best_c_, out, results, probe_path)
+
+
+def _markdown(summary: dict, metrics: dict[str, Interval]) -> str:
+    lines = [
+        f"# Linear probe: {summary['label']}",
+        "",
+        f"Search: {summary['search']['kind']}, {summary['search']['trials']} trials, {summary['search']['how']}; "
+        f"best C = {summary['best_c']:.3g}.",
+        "",
+        "| metric (test) | value | 95% CI |",
+        "| --- | --- | --- |",
+    ]
+    for name, m in metrics.items():
+        star = " (searched)" if name == summary["scoring"] else ""
+        lines.append(f"| {name}{star} | {m.value:.3f} | {m.low:.3f}–{m.high:.3f} |")
+    lines += ["", "Class balance:", ""]
+    for part, counts in summary["class_balance"].items():
+        lines.append(f"- {part}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(
+    y: np.ndarray, proba: np.ndarray, classes: np.ndarray, metrics: dict[str, Interval], out: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    shown = [classes[1]] if len(classes) == 2 else list(classes)
+    for kind, metric in (("roc", "roc_auc"), ("pr", "average_precision")):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for c in shown:
+            k = list(classes).index(c)
+            truth = (y == c).astype(int)
+            if truth.min() == truth.max():
+                continue
+            if kind == "roc":
+                a, b, _ = roc_curve(truth, proba[:, k])
+            else:
+                b, a, _ = precision_recall_curve(truth, proba[:, k])
+            ax.plot(a, b, label=f"{c}" if len(shown) > 1 else None)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
+        ax.set_ylabel("true positive rate" if kind == "roc" else "precision")
+        ax.set_title(f"{metric} {metrics[metric]}")
+        if len(shown) > 1:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png", dpi=100)
+        plt.close(fig)
+
+
+def predict(
+    probe_path: str | os.PathLike[str], features: str | os.PathLike[str] | pd.DataFrame, out: str | os.PathLike[str]
+) -> Path:
+    """Apply a saved probe to a feature table; writes the table's other columns + class probabilities."""
+    probe, columns = LinearProbe.load(probe_path)
+    table = features if isinstance(features, pd.DataFrame) else read_features(features)[0]
+    columns = columns or feature_columns(table)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ManifestError(f"feature table lacks {len(missing)} of the probe's columns, e.g. {missing[:3]}")
+    proba = probe.predict_proba(table[columns].to_numpy(dtype=np.float64))
+    result = table.drop(columns=[c for c in table.columns if c in set(feature_columns(table))]).copy()
+    for k, c in enumerate(probe.classes_):
+        result[f"proba_{c}"] = proba[:, k]
+    result["predicted"] = probe.classes_[np.argmax(proba, axis=1)]
+    return write_table(result, out)
+
+
+def compare(
+    results_a: str | os.PathLike[str], results_b: str | os.PathLike[str], n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, object]:
+    """Paired comparison of two probes' test predictions (same rows): bootstrap CI of the difference, DeLong."""
+    loaded = []
+    for path in (results_a, results_b):
+        path = Path(path)
+        summary = json.loads(path.read_text())
+        loaded.append((summary, pd.read_csv(path.parent / summary["predictions"])))
+    (sa, pa), (sb, pb) = loaded
+    label = sa["label"]
+    if sb["label"] != label:
+        raise MedfmError(f"the probes predict different labels: {label!r} and {sb['label']!r}")
+    merged = pa.merge(pb, on="row", suffixes=("_a", "_b"))
+    if len(merged) != len(pa) or len(merged) != len(pb):
+        raise MedfmError(f"the probes were tested on different rows ({len(pa)} and {len(pb)}, {len(merged)} shared)")
+    y = merged[f"{label}_a"].to_numpy()
+    if not np.array_equal(y, merged[f"{label}_b"].to_numpy()):
+        raise MedfmError("the two prediction files disagree on the labels of the same rows")
+    classes = np.unique(y)
+    probas = [merged[[f"proba_{c}_{s}" for c in classes]].to_numpy() for s in ("a", "b")]
+    group = sa.get("grouped_by")
+    groups = merged[f"{group}_a"].astype(str).to_numpy() if group else None
+    scoring = sa["scoring"]
+    diff, p = paired_bootstrap(scoring, y, probas[0], probas[1], classes, groups, n_bootstrap, seed=seed)
+    report: dict[str, object] = {"scoring": scoring, "n_test": len(y), "difference": diff.to_dict(), "bootstrap_p": p}
+    if len(classes) == 2:
+        report["delong"] = delong_test(y == classes[1], probas[0][:, 1], probas[1][:, 1]).to_dict()
+    return report

@@ -1,0 +1,109 @@
+"""Train / validation / test splits that never put one patient on two sides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from medfm.errors import ManifestError
+
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+@dataclass
+class Splits:
+    """Row indices: the rows the probe learns from (train + val), the held-out test rows, and search folds."""
+
+    development: np.ndarray
+    test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    how: str = ""
+
+
+def _kfold(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int):  # noqa: ANN202 - sklearn splitter
+    if groups is None:
+        return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    return StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+
+
+def _split_names(table: pd.DataFrame, split_column: str) -> pd.Series:
+    names = table[split_column].astype(str).str.strip().str.lower().map(SPLIT_NAMES)
+    if names.isna().any():
+        bad = int(np.flatnonzero(names.isna())[0])
+        raise ManifestError(
+            f"row {bad}: column {split_column} has value {table[split_column].iloc[bad]!r}; allowed train, val, test"
+        )
+    if not (names == "test").any():
+        raise ManifestError(f"column {split_column} marks no row as test")
+    return names
+
+
+def holdout(
+    table: pd.DataFrame,
+    y: np.ndarray,
+    split_column: str | None = "split",
+    groups: np.ndarray | None = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(development, test) row indices: the ``split`` column's test rows, else a stratified, grouped hold-out."""
+    rows = np.arange(len(table))
+    if split_column and split_column in table.columns:
+        names = _split_names(table, split_column)
+        return rows[(names != "test").to_numpy()], rows[(names == "test").to_numpy()]
+    k = max(2, int(round(1 / test_size)))
+    dev_pos, test_pos = next(iter(_kfold(y, groups, k, seed)))
+    return np.sort(rows[dev_pos]), np.sort(rows[test_pos])
+
+
+def make_splits(
+    table: pd.DataFrame,
+    y: np.ndarray,
+    split_column: str | None = "split",
+    cv: int | None = None,
+    groups: np.ndarray | None = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+) -> Splits:
+    """Test rows from :func:`holdout`, and search folds over the rest.
+
+    The search folds are the train→val split when the ``split`` column has val rows and no ``cv`` is
+    given; else ``cv`` (default 5) grouped, stratified folds over train + val.
+    """
+    development, test = holdout(table, y, split_column, groups, test_size, seed)
+    has_column = bool(split_column and split_column in table.columns)
+    if has_column and cv is None:
+        names = _split_names(table, split_column)
+        train = np.flatnonzero((names == "train").to_numpy())
+        val = np.flatnonzero((names == "val").to_numpy())
+        if len(val) == 0:
+            raise ManifestError(f"column {split_column} marks no row as val; give --cv K to search by folds")
+        return Splits(development, test, [(train, val)], f"{split_column} column: train→val search, test held out")
+    cv = cv or 5
+    source = (
+        f"{split_column} column"
+        if has_column
+        else (f"held-out test of {len(test)} rows (stratified{', grouped' if groups is not None else ''})")
+    )
+    sub_groups = None if groups is None else groups[development]
+    folds = [(development[a], development[b]) for a, b in _kfold(y[development], sub_groups, cv, seed)]
+    return Splits(development, test, folds, f"{source}; {cv}-fold search over the rest")
+
+
+def leaked_groups(splits: Splits, groups: np.ndarray) -> set[object]:
+    """Groups found on both sides of the test split or of any search fold (should be empty)."""
+    leaks = set(groups[splits.development]) & set(groups[splits.test])
+    for train, val in splits.folds:
+        leaks |= set(groups[train]) & set(groups[val])
+    return leaks
