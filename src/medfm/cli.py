@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from medfm import __version__
 from medfm.errors import MedfmError
@@ -103,8 +104,32 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from medfm.evaluate.probe import run_probe
+    from medfm.evaluate.probe import run_fractions, run_probe
 
+    if args.survival:
+        _survival(args)
+        return
+    if not args.label:
+        raise MedfmError("give --label COL (or --survival TIME_COL EVENT_COL)")
+    common = dict(
+        scoring=args.scoring,
+        search=args.search,
+        trials=args.trials,
+        split_column=args.split_column,
+        cv=args.cv,
+        group=args.group,
+        test_size=args.test_size,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        storage=args.storage,
+        feature_prefix=args.feature_prefix,
+        progress=not args.quiet,
+    )
+    if args.train_fraction != [1.0]:
+        runs = run_fractions(args.features, args.label, args.out, args.train_fraction, args.repeats, **common)
+        print((Path(args.out) / "fractions.md").read_text())
+        print(f"{len(runs)} runs; per-run results under {args.out}/fraction_*/repeat_*/")
+        return
     result = run_probe(
         args.features,
         args.label,
@@ -124,6 +149,29 @@ def _probe(args: argparse.Namespace) -> None:
     )
     print(f"test {result.scoring}: {result.test_metric}  (best C {result.best_c:.3g})")
     print(f"results in {result.results} (and results.md, predictions.csv, roc.png, pr.png); probe {result.probe}")
+
+
+def _survival(args: argparse.Namespace) -> None:
+    from medfm.evaluate.survival import run_survival
+
+    time_column, event_column = args.survival
+    report = run_survival(
+        args.features,
+        time_column,
+        event_column,
+        args.out,
+        horizon=args.horizon,
+        split_column=args.split_column,
+        cv=args.cv,
+        group=args.group,
+        test_size=args.test_size,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        feature_prefix=args.feature_prefix,
+    )
+    for name, m in report["test"].items():
+        print(f"test {name}: {m['value']:.3f} (95% CI {m['low']:.3f}–{m['high']:.3f})")
+    print(f"best penalty {report['best_alpha']:.3g}; results in {args.out}/results.json")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -191,9 +239,9 @@ def _knn(args: argparse.Namespace) -> None:
         )
 
 
-def _add_table_args(p: argparse.ArgumentParser) -> None:
+def _add_table_args(p: argparse.ArgumentParser, label_required: bool = True) -> None:
     p.add_argument("features", help="feature table (Parquet or CSV) with feat_<i> or pred_<i> columns")
-    p.add_argument("--label", required=True, help="label column")
+    p.add_argument("--label", required=label_required, help="label column")
     p.add_argument("--split-column", default="split", help="column with train/val/test (absent: a held-out test)")
     p.add_argument("--group", help="patient column: no patient on both sides of a split; CIs resample patients")
     p.add_argument("--test-size", type=float, default=0.2, help="held-out share when there is no split column")
@@ -254,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_weights)
 
     p = sub.add_parser("probe", help="tuned logistic-regression probe on a feature table, test metric with CI")
-    _add_table_args(p)
+    _add_table_args(p, label_required=False)
+    p.add_argument("--survival", nargs=2, metavar=("TIME_COL", "EVENT_COL"), help="penalised Cox probe instead")
+    p.add_argument("--horizon", type=float, help="with --survival: also the AUC of death by this time")
+    p.add_argument("--train-fraction", type=float, nargs="+", default=[1.0], help="e.g. 1 0.5 0.2 0.1")
+    p.add_argument("--repeats", type=int, default=3, help="draws per train fraction below 1")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--scoring", default="roc_auc", choices=["roc_auc", "average_precision", "balanced_accuracy", "accuracy"]

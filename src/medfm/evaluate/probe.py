@@ -52,11 +52,13 @@ def run_probe(
     storage: str | None = None,
     feature_prefix: str | None = None,
     progress: bool = True,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
 ) -> ProbeResult:
     """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test."""
     data = read_labelled(features, label, group, feature_prefix)
     table, x, y, groups, columns = data.table, data.x, data.y, data.groups, data.columns
-    splits = make_splits(table, y, split_column, cv, groups, test_size, seed)
+    splits = make_splits(table, y, split_column, cv, groups, test_size, seed, train_fraction, fraction_seed)
     dev = splits.development
     folds = [(np.searchsorted(dev, a), np.searchsorted(dev, b)) for a, b in splits.folds]
     probe = LinearProbe(
@@ -97,6 +99,8 @@ def run_probe(
         "search": {"kind": search, "trials": len(probe.trials_), "folds": len(folds), "how": splits.how},
         "class_balance": counts,
         "grouped_by": group,
+        "train_fraction": train_fraction,
+        "fraction_seed": fraction_seed,
         "n_bootstrap": n_bootstrap,
         "seed": seed,
         "features": str(features) if not isinstance(features, pd.DataFrame) else "<DataFrame>",
@@ -210,3 +214,55 @@ def compare(
     if len(classes) == 2:
         report["delong"] = delong_test(y == classes[1], probas[0][:, 1], probas[1][:, 1]).to_dict()
     return report
+
+
+def run_fractions(
+    features: str | os.PathLike[str] | pd.DataFrame,
+    label: str,
+    out_dir: str | os.PathLike[str],
+    fractions: list[float],
+    repeats: int = 3,
+    **probe_args: object,
+) -> pd.DataFrame:
+    """The probe at several training-data fractions (seeded, stratified, ``repeats`` draws each), same test rows.
+
+    Writes ``fractions.csv`` / ``fractions.md`` (mean ± std of the test metric over repeats) beside a folder per run.
+    """
+    out = Path(out_dir)
+    records = []
+    table = features if isinstance(features, pd.DataFrame) else read_features(features)[0]
+    for fraction in fractions:
+        for repeat in range(1 if fraction == 1 else repeats):
+            result = run_probe(
+                table,
+                label,
+                out / f"fraction_{fraction:g}" / f"repeat_{repeat}",
+                train_fraction=fraction,
+                fraction_seed=repeat,
+                **probe_args,
+            )
+            m = result.test_metric
+            records.append(
+                {
+                    "fraction": fraction,
+                    "repeat": repeat,
+                    "metric": result.scoring,
+                    "value": m.value,
+                    "low": m.low,
+                    "high": m.high,
+                    "best_c": result.best_c,
+                }
+            )
+    runs = pd.DataFrame(records)
+    write_table(runs, out / "fractions.csv")
+    summary = runs.groupby("fraction", sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    lines = [
+        f"| train fraction | test {runs['metric'].iloc[0]} (mean) | std over repeats | repeats |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.fraction:g} | {r['mean']:.3f} | {0 if np.isnan(r['std']) else r['std']:.3f} | {int(r['count'])} |"
+        for _, r in summary.iterrows()
+    ]
+    (out / "fractions.md").write_text("\n".join(lines) + "\n")
+    return runs

@@ -67,6 +67,28 @@ def holdout(
     return np.sort(rows[dev_pos]), np.sort(rows[test_pos])
 
 
+def subsample(rows: np.ndarray, y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
+    """A seeded share of ``rows``, stratified by label; whole groups (patients) are kept or dropped together."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train fraction {fraction} must lie in (0, 1]")
+    if fraction == 1:
+        return rows
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        units = [np.array([r]) for r in rows]
+        labels = y[rows]
+    else:
+        names, inverse = np.unique(groups[rows], return_inverse=True)
+        units = [rows[inverse == g] for g in range(len(names))]
+        labels = np.array([pd.Series(y[u]).mode().iloc[0] for u in units])
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        chosen = rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False)
+        keep.extend(units[i] for i in chosen)
+    return np.sort(np.concatenate(keep))
+
+
 def make_splits(
     table: pd.DataFrame,
     y: np.ndarray,
@@ -75,11 +97,14 @@ def make_splits(
     groups: np.ndarray | None = None,
     test_size: float = 0.2,
     seed: int = 0,
+    train_fraction: float = 1.0,
+    fraction_seed: int = 0,
 ) -> Splits:
     """Test rows from :func:`holdout`, and search folds over the rest.
 
     The search folds are the train→val split when the ``split`` column has val rows and no ``cv`` is
-    given; else ``cv`` (default 5) grouped, stratified folds over train + val.
+    given; else ``cv`` (default 5) grouped, stratified folds over train + val. ``train_fraction`` keeps a
+    stratified share of the training rows (validation and test rows stay as they are).
     """
     development, test = holdout(table, y, split_column, groups, test_size, seed)
     has_column = bool(split_column and split_column in table.columns)
@@ -89,8 +114,11 @@ def make_splits(
         val = np.flatnonzero((names == "val").to_numpy())
         if len(val) == 0:
             raise ManifestError(f"column {split_column} marks no row as val; give --cv K to search by folds")
+        train = subsample(train, y, groups, train_fraction, fraction_seed)
+        development = np.sort(np.concatenate([train, val]))
         return Splits(development, test, [(train, val)], f"{split_column} column: train→val search, test held out")
     cv = cv or 5
+    development = subsample(development, y, groups, train_fraction, fraction_seed)
     source = (
         f"{split_column} column"
         if has_column

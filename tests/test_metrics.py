@@ -1,0 +1,275 @@
+"""Metrics of predictions: sklearn agreement, bootstrap CIs (plain, grouped, paired) and DeLong's test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    roc_auc_score,
+)
+from sklearn.preprocessing import label_binarize
+
+from medfm.evaluate.metrics import (
+    METRICS,
+    _resample_indices,
+    bootstrap_ci,
+    check_metric,
+    delong_test,
+    paired_bootstrap,
+    score,
+)
+
+
+def _binary(n: int = 120, seed: int = 0, signal: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Binary labels and (n, 2) probabilities whose positive column carries ``signal``."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = 1 / (1 + np.exp(-(signal * (2 * y - 1) + rng.normal(size=n))))
+    return y, np.c_[1 - p, p]
+
+
+def _multiclass(n: int = 150, k: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
+    e = np.exp(logits)
+    return y, e / e.sum(axis=1, keepdims=True)
+
+
+# -- score ---------------------------------------------------------------------------------------------------
+def test_score_binary_matches_sklearn():
+    y, proba = _binary()
+    assert score("roc_auc", y, proba) == pytest.approx(roc_auc_score(y, proba[:, 1]), abs=1e-12)
+    assert score("average_precision", y, proba) == pytest.approx(average_precision_score(y, proba[:, 1]), abs=1e-12)
+    predicted = (proba[:, 1] > 0.5).astype(int)
+    assert score("accuracy", y, proba) == pytest.approx(accuracy_score(y, predicted), abs=1e-12)
+    assert score("balanced_accuracy", y, proba) == pytest.approx(balanced_accuracy_score(y, predicted), abs=1e-12)
+    # the AUC is informative here, not a degenerate value
+    assert 0.6 < score("roc_auc", y, proba) < 0.99
+
+
+def test_score_binary_string_classes_reads_last_column_as_positive():
+    y, proba = _binary(seed=3)
+    labels = np.array(["benign", "malignant"])[y]
+    auc = score("roc_auc", labels, proba, classes=np.array(["benign", "malignant"]))
+    assert auc == pytest.approx(roc_auc_score(y, proba[:, 1]), abs=1e-12)
+    # swapping the columns' meaning flips the AUC
+    flipped = score("roc_auc", labels, proba[:, ::-1], classes=np.array(["benign", "malignant"]))
+    assert flipped == pytest.approx(1 - auc, abs=1e-12)
+
+
+def test_score_multiclass_matches_sklearn():
+    y, proba = _multiclass()
+    expected_auc = roc_auc_score(y, proba, multi_class="ovr", average="macro")
+    expected_ap = average_precision_score(label_binarize(y, classes=np.arange(4)), proba, average="macro")
+    assert score("roc_auc", y, proba) == pytest.approx(expected_auc, abs=1e-12)
+    assert score("average_precision", y, proba) == pytest.approx(expected_ap, abs=1e-12)
+    assert score("accuracy", y, proba) == pytest.approx(accuracy_score(y, proba.argmax(axis=1)), abs=1e-12)
+    assert score("balanced_accuracy", y, proba) == pytest.approx(
+        balanced_accuracy_score(y, proba.argmax(axis=1)), abs=1e-12
+    )
+
+
+def test_score_multiclass_with_label_values():
+    y, proba = _multiclass(seed=5)
+    classes = np.array([10, 20, 30, 40])
+    assert score("roc_auc", classes[y], proba, classes) == pytest.approx(
+        roc_auc_score(y, proba, multi_class="ovr", average="macro"), abs=1e-12
+    )
+    assert score("accuracy", classes[y], proba, classes) == pytest.approx(
+        accuracy_score(y, proba.argmax(axis=1)), abs=1e-12
+    )
+
+
+def test_auc_of_separable_scores_is_one():
+    y = np.array([0] * 30 + [1] * 20)
+    p = np.r_[np.linspace(0.0, 0.4, 30), np.linspace(0.6, 1.0, 20)]
+    proba = np.c_[1 - p, p]
+    assert score("roc_auc", y, proba) == 1.0
+    assert score("average_precision", y, proba) == 1.0
+    assert score("accuracy", y, proba) == 1.0
+    assert score("roc_auc", y, proba[:, ::-1]) == 0.0
+
+
+def test_check_metric_names_allowed_values():
+    assert check_metric("roc_auc") == "roc_auc"
+    with pytest.raises(ValueError, match="allowed") as info:
+        check_metric("f1")
+    for name in METRICS:
+        assert name in str(info.value)
+
+
+# -- bootstrap -----------------------------------------------------------------------------------------------
+def test_bootstrap_ci_is_seeded():
+    y, proba = _binary(n=80, seed=1)
+    a = bootstrap_ci("roc_auc", y, proba, n_resamples=200, seed=7)
+    b = bootstrap_ci("roc_auc", y, proba, n_resamples=200, seed=7)
+    c = bootstrap_ci("roc_auc", y, proba, n_resamples=200, seed=8)
+    assert (a.low, a.high) == (b.low, b.high)
+    assert (a.low, a.high) != (c.low, c.high)
+    assert a.value == c.value == pytest.approx(roc_auc_score(y, proba[:, 1]), abs=1e-12)
+    assert a.low < a.value < a.high
+    assert a.n_resamples == 200
+    assert a.level == 0.95
+    assert a.to_dict() == {"value": a.value, "low": a.low, "high": a.high, "level": 0.95, "n_resamples": 200}
+    assert str(a).startswith(f"{a.value:.3f} (95% CI ")
+
+
+def test_bootstrap_ci_of_random_scores_contains_half():
+    rng = np.random.default_rng(42)
+    y = rng.integers(0, 2, 200)
+    p = rng.random(200)
+    ci = bootstrap_ci("roc_auc", y, np.c_[1 - p, p], n_resamples=200, seed=0)
+    assert ci.low < 0.5 < ci.high
+    assert ci.high - ci.low < 0.25  # an interval, not everything
+
+
+def test_bootstrap_level_widens_interval():
+    y, proba = _binary(n=80, seed=2)
+    narrow = bootstrap_ci("roc_auc", y, proba, n_resamples=200, level=0.5, seed=0)
+    wide = bootstrap_ci("roc_auc", y, proba, n_resamples=200, level=0.95, seed=0)
+    assert wide.low < narrow.low < narrow.high < wide.high
+
+
+def test_bootstrap_skips_one_class_resamples():
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 1])
+    p = np.linspace(0, 1, 8)
+    ci = bootstrap_ci("roc_auc", y, np.c_[1 - p, p], n_resamples=200, seed=0)
+    # P(no positive in a resample of 8) = (7/8)^8 ≈ 0.34: about a third are skipped
+    assert 100 < ci.n_resamples < 170
+    assert ci.value == 1.0
+
+
+def test_resample_indices_keeps_groups_whole():
+    groups = np.repeat(np.array(["p3", "p1", "p7", "p2", "p9"]), [1, 2, 3, 4, 5])
+    rng = np.random.default_rng(0)
+    sizes = {g: int(np.sum(groups == g)) for g in np.unique(groups)}
+    for _ in range(50):
+        idx = _resample_indices(len(groups), groups, rng)
+        chosen = groups[idx]
+        # every group drawn c times contributes exactly c × (its size) rows, and each member c times
+        for g, size in sizes.items():
+            members = np.flatnonzero(groups == g)
+            counts = np.array([np.sum(idx == m) for m in members])
+            assert np.all(counts == counts[0])
+            assert np.sum(chosen == g) == counts[0] * size
+        # as many groups are drawn as there are groups
+        assert sum(np.sum(chosen == g) // s for g, s in sizes.items()) == len(sizes)
+
+
+def test_resample_indices_plain_is_row_bootstrap():
+    rng = np.random.default_rng(3)
+    idx = _resample_indices(50, None, rng)
+    assert idx.shape == (50,)
+    assert idx.min() >= 0 and idx.max() < 50
+    assert len(np.unique(idx)) < 50  # with replacement
+
+
+def test_grouped_bootstrap_is_wider_with_duplicated_rows():
+    # 30 patients, 10 identical rows each: the rows are not independent, only the patients are
+    y_patient, proba_patient = _binary(n=30, seed=11, signal=0.8)
+    y = np.repeat(y_patient, 10)
+    proba = np.repeat(proba_patient, 10, axis=0)
+    groups = np.repeat(np.arange(30), 10)
+    plain = bootstrap_ci("roc_auc", y, proba, n_resamples=200, seed=0)
+    grouped = bootstrap_ci("roc_auc", y, proba, groups=groups, n_resamples=200, seed=0)
+    per_patient = bootstrap_ci("roc_auc", y_patient, proba_patient, n_resamples=200, seed=0)
+    assert plain.value == grouped.value == pytest.approx(per_patient.value, abs=1e-12)
+    plain_width, grouped_width = plain.high - plain.low, grouped.high - grouped.low
+    assert grouped_width > 2 * plain_width  # ≈ √10 wider
+    # the grouped interval is about as wide as that of the 30 patients alone
+    assert grouped_width == pytest.approx(per_patient.high - per_patient.low, rel=0.35)
+
+
+# -- paired bootstrap ------------------------------------------------------------------------------------
+def test_paired_bootstrap_of_model_with_itself_is_zero():
+    y, proba = _binary(n=80, seed=4)
+    diff, p = paired_bootstrap("roc_auc", y, proba, proba, n_resamples=200, seed=0)
+    assert (diff.value, diff.low, diff.high) == (0.0, 0.0, 0.0)
+    assert p == 1.0
+    assert diff.n_resamples == 200
+
+
+def test_paired_bootstrap_good_beats_noise():
+    y, good = _binary(n=100, seed=5, signal=2.0)
+    rng = np.random.default_rng(9)
+    noise = rng.random(100)
+    bad = np.c_[1 - noise, noise]
+    diff, p = paired_bootstrap("roc_auc", y, good, bad, n_resamples=200, seed=0)
+    expected = roc_auc_score(y, good[:, 1]) - roc_auc_score(y, noise)
+    assert diff.value == pytest.approx(expected, abs=1e-12)
+    assert 0 < diff.low < diff.value < diff.high
+    assert p < 0.01
+    reverse, p_reverse = paired_bootstrap("roc_auc", y, bad, good, n_resamples=200, seed=0)
+    assert reverse.value == pytest.approx(-diff.value, abs=1e-12)
+    assert reverse.high < 0
+    assert p_reverse == p
+
+
+# -- DeLong ----------------------------------------------------------------------------------------------
+def _naive_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
+    """DeLong et al. (1988) by the definition: O(m·n) Mann-Whitney kernel, 0.5 for ties."""
+    y = y.astype(bool)
+    v10, v01, aucs = [], [], []
+    for s in (a, b):
+        pos, neg = s[y], s[~y]
+        psi = (pos[:, None] > neg[None, :]).astype(float) + 0.5 * (pos[:, None] == neg[None, :])
+        aucs.append(psi.mean())
+        v10.append(psi.mean(axis=1))  # one per positive case
+        v01.append(psi.mean(axis=0))  # one per negative case
+    m, n = int(y.sum()), int((~y).sum())
+    s10 = np.array([[np.sum((v10[i] - aucs[i]) * (v10[j] - aucs[j])) / (m - 1) for j in range(2)] for i in range(2)])
+    s01 = np.array([[np.sum((v01[i] - aucs[i]) * (v01[j] - aucs[j])) / (n - 1) for j in range(2)] for i in range(2)])
+    s = s10 / m + s01 / n
+    contrast = np.array([1.0, -1.0])
+    var = contrast @ s @ contrast
+    z = (aucs[0] - aucs[1]) / np.sqrt(var)
+    return aucs[0], aucs[1], z, 2 * stats.norm.sf(abs(z))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_matches_naive_definition(seed):
+    rng = np.random.default_rng(seed)
+    n = 90
+    y = rng.integers(0, 2, n)
+    a = y + rng.normal(scale=0.8, size=n)
+    b = 0.5 * a + rng.normal(scale=1.0, size=n)
+    # ties within and across classes: rounding makes many equal scores
+    a, b = np.round(a, 1), np.round(b, 1)
+    assert len(np.unique(a)) < n and len(np.unique(b)) < n
+    result = delong_test(y, a, b)
+    auc_a, auc_b, z, p = _naive_delong(y, a, b)
+    assert result.auc_a == pytest.approx(auc_a, abs=1e-12)
+    assert result.auc_b == pytest.approx(auc_b, abs=1e-12)
+    assert result.auc_a == pytest.approx(roc_auc_score(y, a), abs=1e-12)
+    assert result.z == pytest.approx(z, abs=1e-8)
+    assert result.p_value == pytest.approx(p, abs=1e-8)
+    assert abs(result.z) > 0.1  # a real difference, not the degenerate case
+    # the CI of the difference is centred on it, ±1.96 standard errors
+    se = (auc_a - auc_b) / z
+    assert result.ci_low == pytest.approx(auc_a - auc_b - 1.959963984540054 * se, abs=1e-8)
+    assert result.ci_high == pytest.approx(auc_a - auc_b + 1.959963984540054 * se, abs=1e-8)
+
+
+def test_delong_identical_scores_p_one():
+    y, proba = _binary(n=60, seed=6)
+    result = delong_test(y, proba[:, 1], proba[:, 1])
+    assert result.p_value == 1.0
+    assert result.z == 0.0
+    assert result.auc_a == result.auc_b == pytest.approx(roc_auc_score(y, proba[:, 1]), abs=1e-12)
+    assert set(result.to_dict()) == {"auc_a", "auc_b", "z", "p_value", "ci_low", "ci_high"}
+
+
+def test_delong_detects_a_better_model():
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 2, 200)
+    good = y + rng.normal(scale=0.5, size=200)
+    noise = rng.normal(size=200)
+    result = delong_test(y, good, noise)
+    assert result.z > 3
+    assert result.p_value < 1e-3
+    assert 0 < result.ci_low < result.auc_a - result.auc_b < result.ci_high
