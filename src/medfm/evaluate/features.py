@@ -59,5 +59,8 @@ def read_labelled(
             raise ManifestError(f"column {column!r} not found; columns are {list(table.columns)[:20]}")
     keep = table[label].notna().to_numpy()
     table = table[keep].reset_index(drop=True)
+    values = table[label]
+    if values.dtype.kind == "f" and np.all(np.mod(values.to_numpy(), 1) == 0):
+        table[label] = values.astype(np.int64)  # a label column with gaps reads as float: 1.0 → 1
     groups = table[group].astype(str).to_numpy() if group else None
     return Labelled(table, x[keep], table[label].to_numpy(), groups, np.flatnonzero(keep), columns)

@@ -123,6 +123,8 @@ def paired_bootstrap(
     diffs = np.asarray(diffs)
     alpha = (1 - level) / 2
     point = score(metric, y, proba_a, classes) - score(metric, y, proba_b, classes)
+    if len(diffs) == 0:
+        return Interval(float(point), float("nan"), float("nan"), level, 0), float("nan")
     low, high = np.quantile(diffs, [alpha, 1 - alpha])
     p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
     return Interval(float(point), float(low), float(high), level, len(diffs)), float(p)

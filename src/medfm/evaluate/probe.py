@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medfm.data.manifest import read_table
 from medfm.data.outputs import write_json, write_table
 from medfm.errors import ManifestError, MedfmError
 from medfm.evaluate.features import feature_columns, read_features, read_labelled
@@ -67,7 +69,7 @@ def run_probe(
         trials=trials,
         seed=seed,
         storage=storage,
-        study_name=f"medfm-probe-{label}" if storage else None,
+        study_name=_study_name(label, scoring, x[dev], y[dev], folds) if storage else None,
     )
     total = 45 if search == "grid" else trials
     with progress_bar(progress) as bar:
@@ -112,6 +114,15 @@ def run_probe(
     (out / "results.md").write_text(_markdown(summary, metrics))
     _plot_curves(y[test], proba, probe.classes_, metrics, out)
     return ProbeResult(scoring, metrics, probe.best_c_, out, results, probe_path)
+
+
+def _study_name(label: str, scoring: str, x: np.ndarray, y: np.ndarray, folds: list) -> str:
+    """An Optuna study name unique to the search's data, so a shared storage never mixes two feature sets."""
+    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    digest.update(json.dumps([scoring, [str(v) for v in y]]).encode())
+    for a, b in folds:
+        digest.update(np.asarray(a, dtype=np.int64).tobytes() + b"|" + np.asarray(b, dtype=np.int64).tobytes())
+    return f"medfm-probe-{label}-{scoring}-{digest.hexdigest()[:16]}"
 
 
 def _markdown(summary: dict, metrics: dict[str, Interval]) -> str:
@@ -172,13 +183,18 @@ def predict(
 ) -> Path:
     """Apply a saved probe to a feature table; writes the table's other columns + class probabilities."""
     probe, columns = LinearProbe.load(probe_path)
-    table = features if isinstance(features, pd.DataFrame) else read_features(features)[0]
+    # the probe's own columns, not the default feat_/pred_ ones: a probe fitted with --feature-prefix works too
+    table = features if isinstance(features, pd.DataFrame) else read_table(features)
     columns = columns or feature_columns(table)
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ManifestError(f"feature table lacks {len(missing)} of the probe's columns, e.g. {missing[:3]}")
-    proba = probe.predict_proba(table[columns].to_numpy(dtype=np.float64))
-    result = table.drop(columns=[c for c in table.columns if c in set(feature_columns(table))]).copy()
+    x = table[columns].to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise ManifestError(f"feature table: row {bad[0]} has a missing or infinite feature ({len(bad)} rows)")
+    proba = probe.predict_proba(x)
+    result = table.drop(columns=columns).copy()
     for k, c in enumerate(probe.classes_):
         result[f"proba_{c}"] = proba[:, k]
     result["predicted"] = probe.classes_[np.argmax(proba, axis=1)]

@@ -61,7 +61,15 @@ def holdout(
     rows = np.arange(len(table))
     if split_column and split_column in table.columns:
         names = _split_names(table, split_column)
-        return rows[(names != "test").to_numpy()], rows[(names == "test").to_numpy()]
+        development, test = rows[(names != "test").to_numpy()], rows[(names == "test").to_numpy()]
+        if groups is not None:
+            shared = sorted(set(groups[development]) & set(groups[test]))
+            if shared:
+                raise ManifestError(
+                    f"column {split_column} puts {len(shared)} group(s) in both test and train/val, "
+                    f"e.g. {shared[:3]}: the test would not be held out"
+                )
+        return development, test
     k = max(2, int(round(1 / test_size)))
     dev_pos, test_pos = next(iter(_kfold(y, groups, k, seed)))
     return np.sort(rows[dev_pos]), np.sort(rows[test_pos])
