@@ -25,6 +25,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
+	$(BIN)/python benchmarks/probe_real.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
