@@ -183,9 +183,25 @@ def _predict(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     import json
 
-    from medfm.evaluate.probe import compare
+    from medfm.evaluate.probe import compare, compare_tables
 
-    report = compare(args.a, args.b, n_bootstrap=args.bootstrap, seed=args.seed)
+    if args.a.endswith(".json") and args.b.endswith(".json"):
+        report = compare(args.a, args.b, n_bootstrap=args.bootstrap, seed=args.seed)
+    else:
+        if not args.label:
+            raise MedfmError("comparing two feature tables needs --label COL")
+        report = compare_tables(
+            args.a,
+            args.b,
+            args.label,
+            args.probe_out,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            trials=args.trials,
+            group=args.group,
+            split_column=args.split_column,
+            progress=False,
+        )
     d = report["difference"]
     print(
         f"{report['scoring']} A − B = {d['value']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}), "
@@ -329,8 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("compare", help="paired bootstrap CI of the difference of two probes, and DeLong for AUC")
-    p.add_argument("a", help="results.json of probe A")
-    p.add_argument("b", help="results.json of probe B")
+    p.add_argument("a", help="results.json of probe A, or feature table A (then --label)")
+    p.add_argument("b", help="results.json of probe B, or feature table B of the same rows")
+    p.add_argument("--label", help="with two feature tables: the label to probe both on")
+    p.add_argument("--group", help="with two feature tables: patient column")
+    p.add_argument("--split-column", default="split")
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--probe-out", default="compare_probes", help="with two feature tables: where the probes go")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the comparison as JSON")

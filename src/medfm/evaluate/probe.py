@@ -282,3 +282,20 @@ def run_fractions(
     ]
     (out / "fractions.md").write_text("\n".join(lines) + "\n")
     return runs
+
+
+def compare_tables(
+    features_a: str | os.PathLike[str] | pd.DataFrame,
+    features_b: str | os.PathLike[str] | pd.DataFrame,
+    label: str,
+    out_dir: str | os.PathLike[str],
+    n_bootstrap: int = 1000,
+    **probe_args: object,
+) -> dict[str, object]:
+    """Fit the same probe on two feature tables of the same rows (same splits, seeds) and compare them."""
+    out = Path(out_dir)
+    results = [
+        run_probe(features, label, out / name, n_bootstrap=n_bootstrap, **probe_args).results
+        for name, features in (("a", features_a), ("b", features_b))
+    ]
+    return compare(results[0], results[1], n_bootstrap=n_bootstrap, seed=int(probe_args.get("seed", 0)))
