@@ -136,9 +136,12 @@ class LinearProbe:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Processes sharing a storage must not all propose the same first trials: each gets its own seed
+        # (interleaved trials make such searches non-reproducible anyway).
+        seed = self.seed if self.storage is None else self.seed + os.getpid()
         study = optuna.create_study(
             direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=self.seed),
+            sampler=optuna.samplers.TPESampler(seed=seed),
             storage=self.storage,
             study_name=self.study_name,
             load_if_exists=self.storage is not None,
