@@ -107,10 +107,56 @@ FMCIB_CENTRED = replace(
     ),
 )
 
-_PROFILES: dict[str, Profile] = {}
+RESIZES = ("resize", "shorter-crop", "letterbox")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def register_profile(profile: Profile) -> Profile:
+@dataclass(frozen=True)
+class Profile2D:
+    """A 2D image profile: output size, resize policy, channels and the normalisation the weights expect.
+
+    Pixel values are first scaled to [0, 1] (by the image's bit depth, or its DICOM window), then resized:
+    ``resize`` stretches to ``size``; ``shorter-crop`` scales the shorter side to ``size`` and crops the
+    centre; ``letterbox`` scales the longer side and pads with 0. Grey images are repeated to ``channels``;
+    finally ``(x - mean) / std`` per channel.
+    """
+
+    name: str
+    version: str
+    size: tuple[int, int] = (224, 224)
+    resize: str = "resize"
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ProfileError(f"profile {self.name}: resize={self.resize!r}, allowed {RESIZES}")
+        if self.channels not in (1, 3) or len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ProfileError(f"profile {self.name}: channels {self.channels} need as many mean/std values")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ProfileError(f"profile {self.name}: size must be (height, width), got {self.size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as plain JSON-ready data."""
+        return asdict(self)
+
+
+def _imagenet(side: int) -> Profile2D:
+    return Profile2D(
+        name=f"imagenet-{side}",
+        version="1",
+        size=(side, side),
+        description=f"{side}² RGB (grey repeated), ImageNet mean/std: torchvision and most SSL checkpoints",
+    )
+
+
+_PROFILES: dict[str, Profile | Profile2D] = {}
+
+
+def register_profile(profile: Profile | Profile2D) -> Profile | Profile2D:
     """Add a profile to the table of named profiles."""
     if profile.name in _PROFILES and _PROFILES[profile.name] != profile:
         raise ProfileError(f"a different profile named {profile.name!r} is already registered")
@@ -118,9 +164,9 @@ def register_profile(profile: Profile) -> Profile:
     return profile
 
 
-def get_profile(name: str | Profile) -> Profile:
+def get_profile(name: str | Profile | Profile2D) -> Profile | Profile2D:
     """Look a profile up by name (a Profile passes through)."""
-    if isinstance(name, Profile):
+    if isinstance(name, (Profile, Profile2D)):
         return name
     try:
         return _PROFILES[name]
@@ -135,3 +181,24 @@ def list_profiles() -> list[str]:
 
 register_profile(FMCIB)
 register_profile(FMCIB_CENTRED)
+for _side in (224, 299, 300, 380):
+    register_profile(_imagenet(_side))
+register_profile(
+    Profile2D(
+        name="radiologynet-224",
+        version="1",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        description="224² grey scaled to [0, 1] and repeated to 3 channels, no mean/std: RadiologyNET weights",
+    )
+)
+register_profile(
+    Profile2D(
+        name="gray-224",
+        version="1",
+        channels=1,
+        mean=(0.0,),
+        std=(1.0,),
+        description="224² single-channel [0, 1]: 1-channel networks trained from scratch",
+    )
+)
