@@ -14,8 +14,10 @@ from medfm.errors import MedfmError
 def _crop(args: argparse.Namespace) -> None:
     from medfm.data.crop import crop_manifest
     from medfm.data.manifest import read_manifest
+    from medfm.data.profiles import Profile2D, get_profile
 
-    manifest = read_manifest(args.manifest, coords=args.coords)
+    seeds = not isinstance(get_profile(args.profile), Profile2D)
+    manifest = read_manifest(args.manifest, coords=args.coords, seeds=seeds)
     result = crop_manifest(
         manifest,
         args.profile,
@@ -34,9 +36,12 @@ def _crop(args: argparse.Namespace) -> None:
 
 def _extract(args: argparse.Namespace) -> None:
     from medfm.data.manifest import read_manifest
+    from medfm.data.profiles import Profile2D, get_profile
     from medfm.evaluate.extract import extract_features
+    from medfm.models.registry import get_entry
 
-    manifest = read_manifest(args.manifest, coords=args.coords)
+    seeds = not isinstance(get_profile(get_entry(args.model).profile), Profile2D)
+    manifest = read_manifest(args.manifest, coords=args.coords, seeds=seeds)
     result = extract_features(
         manifest,
         args.out,

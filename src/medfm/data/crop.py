@@ -12,7 +12,8 @@ from medfm.data.datasets import iter_volume_items
 from medfm.data.io import Geometry, write_volume
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
-from medfm.data.profiles import Profile, get_profile
+from medfm.data.profiles import Profile, Profile2D, get_profile
+from medfm.errors import MedfmError
 from medfm.progress import progress_bar
 
 
@@ -30,15 +31,17 @@ class CropResult:
 
 def crop_manifest(
     manifest: Manifest,
-    profile: str | Profile,
+    profile: str | Profile | Profile2D,
     out_dir: str | os.PathLike[str],
     nifti: bool = False,
     on_error: str = "raise",
     num_workers: int = 0,
     progress: bool = True,
 ) -> CropResult:
-    """Write ``patches.npy`` (N, C, Z, Y, X) float32 in manifest row order and ``index.csv``."""
+    """Write ``patches.npy`` (N, C, Z, Y, X) — (N, C, H, W) for 2D profiles — float32 in row order, and ``index.csv``."""
     profile = get_profile(profile)
+    if nifti and isinstance(profile, Profile2D):
+        raise MedfmError(f"profile {profile.name} is 2D: --nifti writes 3D patches only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     nifti_dir = out / "nifti" if nifti else None

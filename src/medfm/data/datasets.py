@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medfm.data.images2d import intensity_warning2d, preprocess2d, read_image2d
 from medfm.data.io import Geometry, read_geometry, read_region, read_volume
 from medfm.data.manifest import Manifest
 from medfm.data.patches import PatchPlan, plan_patch, sample_patch, source_region
-from medfm.data.profiles import Profile
+from medfm.data.profiles import Profile, Profile2D
 from medfm.errors import MedfmError, RowError
 
 
@@ -24,15 +25,15 @@ class VolumeItem:
 
     rows: list[int] = field(default_factory=list)
     patches: list[np.ndarray] = field(default_factory=list)
-    geometries: list[Geometry] = field(default_factory=list)
+    geometries: list[Geometry | None] = field(default_factory=list)  # None for 2D images
     errors: dict[int, str] = field(default_factory=dict)
     warning: str | None = None
 
 
 class VolumePatches(Dataset):
-    """One item per volume: the volume is read once and every row that points at it gets its patch."""
+    """One item per volume (or 2D image): it is read once and every row that points at it gets its patch."""
 
-    def __init__(self, manifest: Manifest, profile: Profile, rows: list[int] | None = None) -> None:
+    def __init__(self, manifest: Manifest, profile: Profile | Profile2D, rows: list[int] | None = None) -> None:
         self.manifest = manifest
         self.profile = profile
         todo = [r for r in (range(len(manifest)) if rows is None else rows) if r not in manifest.row_errors]
@@ -43,6 +44,8 @@ class VolumePatches(Dataset):
 
     def __getitem__(self, index: int) -> VolumeItem:
         path, uid, rows = self.groups[index]
+        if isinstance(self.profile, Profile2D):
+            return self._image(path, rows)
         item = VolumeItem()
         plans: dict[int, PatchPlan] = {}
         try:
@@ -67,6 +70,22 @@ class VolumePatches(Dataset):
             item.patches.append(sample_patch(volume, plan, self.profile))
             item.geometries.append(plan.geometry)
             item.rows.append(row)
+        return item
+
+    def _image(self, path: str, rows: list[int]) -> VolumeItem:
+        """A 2D image: read once, shaped by the profile, shared by its rows (no geometry)."""
+        item = VolumeItem()
+        try:
+            image = read_image2d(path)
+        except MedfmError as err:
+            item.errors = {r: str(getattr(err, "reason", err)) for r in rows}
+            return item
+        item.warning = intensity_warning2d(image)
+        patch = preprocess2d(image, self.profile)
+        for row in rows:
+            item.rows.append(row)
+            item.patches.append(patch)
+            item.geometries.append(None)
         return item
 
 

@@ -79,21 +79,27 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     return raw
 
 
-def read_manifest(path: str | os.PathLike[str], coords: str = "lps") -> Manifest:
-    """Read a manifest, check its columns, resolve paths and convert seeds to LPS world millimetres."""
+def read_manifest(path: str | os.PathLike[str], coords: str = "lps", seeds: bool = True) -> Manifest:
+    """Read a manifest, check its columns, resolve paths and convert seeds to LPS world millimetres.
+
+    ``seeds=False`` reads a manifest of whole 2D images: only ``image_path`` is required.
+    """
     if coords not in COORD_SYSTEMS:
         raise ManifestError(f"coords={coords!r} is not allowed; choose one of {COORD_SYSTEMS}")
     table = read_table(path)
-    return validate_manifest(table, source=str(path), base_dir=Path(path).resolve().parent, coords=coords)
+    return validate_manifest(table, str(path), Path(path).resolve().parent, coords=coords, seeds=seeds)
 
 
-def validate_manifest(table: pd.DataFrame, source: str, base_dir: Path, coords: str = "lps") -> Manifest:
+def validate_manifest(
+    table: pd.DataFrame, source: str, base_dir: Path, coords: str = "lps", seeds: bool = True
+) -> Manifest:
     """Validate a manifest table already in memory (see :func:`read_manifest`)."""
-    missing = [c for c in ("image_path", *COORD_COLUMNS) if c not in table.columns]
+    required = ("image_path", *COORD_COLUMNS) if seeds else ("image_path",)
+    missing = [c for c in required if c not in table.columns]
     if missing:
         raise ManifestError(
             f"manifest {source}: missing column(s) {missing}; it has {list(table.columns)}. "
-            "Required: image_path, coordX, coordY, coordZ"
+            f"Required: {', '.join(required)}"
         )
     if len(table) == 0:
         raise ManifestError(f"manifest {source}: has no rows")
@@ -107,22 +113,22 @@ def validate_manifest(table: pd.DataFrame, source: str, base_dir: Path, coords: 
             continue
         p = Path(str(value).strip()).expanduser()
         paths.append(str(p if p.is_absolute() else (base_dir / p)))
-    seeds = np.full((len(table), 3), np.nan)
-    for axis, column in enumerate(COORD_COLUMNS):
+    points = np.full((len(table), 3), np.nan)
+    for axis, column in enumerate(COORD_COLUMNS if seeds else ()):
         numbers = pd.to_numeric(table[column], errors="coerce")
         for row in np.flatnonzero(~np.isfinite(numbers.to_numpy(dtype=float))):
             value = table[column].iloc[row]
             value = value.item() if isinstance(value, np.generic) else value  # nan, not np.float64(nan)
             row_errors.setdefault(int(row), f"column {column} has value {value!r}, not a finite number")
-        seeds[:, axis] = numbers.to_numpy(dtype=float)
+        points[:, axis] = numbers.to_numpy(dtype=float)
     for row, path in enumerate(paths):
         if row not in row_errors and not os.path.exists(path):
             row_errors[row] = "file not found"
-    if coords == "ras":
-        seeds[:, :2] *= -1.0
-    elif coords == "voxel":
-        seeds = _voxel_to_lps(table, paths, seeds, row_errors)
-    return Manifest(table=table, source=source, coords=coords, paths=paths, seeds_lps=seeds, row_errors=row_errors)
+    if seeds and coords == "ras":
+        points[:, :2] *= -1.0
+    elif seeds and coords == "voxel":
+        points = _voxel_to_lps(table, paths, points, row_errors)
+    return Manifest(table=table, source=source, coords=coords, paths=paths, seeds_lps=points, row_errors=row_errors)
 
 
 def _voxel_to_lps(table: pd.DataFrame, paths: list[str], index: np.ndarray, row_errors: dict[int, str]) -> np.ndarray:
