@@ -2,7 +2,8 @@
 
 ``create("fmcib-resnet50", weights="published")`` gives the network with the published weights from the
 cache; ``weights=None`` gives it randomly initialised (as torchvision's ``weights=None``); a path loads
-that file. Preprocessing travels with the entry as its profile name.
+that file. Preprocessing travels with the entry as its profile name. ``dims`` tells 3D volume trunks (a 3D ``Profile``)
+from 2D image trunks (a ``Profile2D``, torchvision networks built by :mod:`medfm.models.backbones2d`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medfm.data.profiles import get_profile
+from medfm.data.profiles import Profile, Profile2D, get_profile
 from medfm.errors import ModelError
 from medfm.models import hub
 from medfm.models.backbones import resnet3d
+from medfm.models.backbones2d import torchvision_trunk
 from medfm.models.checkpoints import LoadReport, load_weights
 
 PUBLISHED = "published"
@@ -26,7 +28,10 @@ PUBLISHED = "published"
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: how to build it, what it outputs, which profile feeds it, where its weights are."""
+    """A registered model: how to build it, what it outputs, which profile feeds it, where its weights are.
+
+    ``dims`` is the number of spatial dimensions of its input: 3 for volume trunks, 2 for image trunks.
+    """
 
     name: str
     builder: Callable[[], nn.Module]
@@ -34,6 +39,7 @@ class ModelEntry:
     profile: str
     weights: hub.WeightsSpec | None = None
     description: str = ""
+    dims: int = 3
 
 
 @dataclass
@@ -58,15 +64,21 @@ def register(
     profile: str,
     weights: hub.WeightsSpec | None = None,
     description: str = "",
+    dims: int = 3,
 ) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
-    """Decorator: register a builder under ``name``."""
+    """Decorator: register a builder under ``name`` (``dims=2`` for an image trunk with a 2D profile)."""
 
     def wrap(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         if name in _REGISTRY:
             raise ModelError(f"a model named {name!r} is already registered")
-        get_profile(profile)
+        if dims not in (2, 3):
+            raise ModelError(f"model {name}: dims={dims}; allowed 2 or 3")
+        kind = get_profile(profile)
+        expected = Profile2D if dims == 2 else Profile
+        if not isinstance(kind, expected):
+            raise ModelError(f"model {name}: dims={dims} needs a {expected.__name__}, but {profile!r} is not one")
         _REGISTRY[name] = ModelEntry(
-            name, builder, feature_dim, profile, weights, description or (builder.__doc__ or "")
+            name, builder, feature_dim, profile, weights, description or (builder.__doc__ or ""), dims
         )
         return builder
 
@@ -135,3 +147,126 @@ def fmcib_resnet50() -> nn.Module:
 def resnet10_3d() -> nn.Module:
     """A MONAI 3D ResNet10 trunk, 512-d pooled features."""
     return resnet3d(depth=10)
+
+
+# 2D image trunks: torchvision classifiers with their heads removed (medfm.models.backbones2d), random init.
+
+
+@register(
+    "densenet121",
+    feature_dim=1024,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision DenseNet121 trunk: ReLU + global average pooling, 1024-d",
+)
+def densenet121() -> nn.Module:
+    """torchvision DenseNet121 without its classifier."""
+    return torchvision_trunk("densenet121")
+
+
+@register(
+    "efficientnet-b3",
+    feature_dim=1536,
+    profile="imagenet-300",
+    dims=2,
+    description="torchvision EfficientNet-B3 trunk: global average pooling, 1536-d",
+)
+def efficientnet_b3() -> nn.Module:
+    """torchvision EfficientNet-B3 without its classifier."""
+    return torchvision_trunk("efficientnet_b3")
+
+
+@register(
+    "efficientnet-b4",
+    feature_dim=1792,
+    profile="imagenet-380",
+    dims=2,
+    description="torchvision EfficientNet-B4 trunk: global average pooling, 1792-d",
+)
+def efficientnet_b4() -> nn.Module:
+    """torchvision EfficientNet-B4 without its classifier."""
+    return torchvision_trunk("efficientnet_b4")
+
+
+@register(
+    "inception-v3",
+    feature_dim=2048,
+    profile="imagenet-299",
+    dims=2,
+    description="torchvision InceptionV3 trunk (no aux head, no input transform): global average pooling, 2048-d",
+)
+def inception_v3() -> nn.Module:
+    """torchvision InceptionV3 without its auxiliary and final classifiers."""
+    return torchvision_trunk("inception_v3")
+
+
+@register(
+    "mobilenet-v3-small",
+    feature_dim=576,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision MobileNetV3-Small trunk: global average pooling of the last conv, 576-d",
+)
+def mobilenet_v3_small() -> nn.Module:
+    """torchvision MobileNetV3-Small without its classifier (hidden layer included)."""
+    return torchvision_trunk("mobilenet_v3_small")
+
+
+@register(
+    "mobilenet-v3-large",
+    feature_dim=960,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision MobileNetV3-Large trunk: global average pooling of the last conv, 960-d",
+)
+def mobilenet_v3_large() -> nn.Module:
+    """torchvision MobileNetV3-Large without its classifier (hidden layer included)."""
+    return torchvision_trunk("mobilenet_v3_large")
+
+
+@register(
+    "resnet18",
+    feature_dim=512,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision ResNet18 trunk: global average pooling, 512-d",
+)
+def resnet18() -> nn.Module:
+    """torchvision ResNet18 without ``fc``."""
+    return torchvision_trunk("resnet18")
+
+
+@register(
+    "resnet34",
+    feature_dim=512,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision ResNet34 trunk: global average pooling, 512-d",
+)
+def resnet34() -> nn.Module:
+    """torchvision ResNet34 without ``fc``."""
+    return torchvision_trunk("resnet34")
+
+
+@register(
+    "resnet50",
+    feature_dim=2048,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision ResNet50 trunk: global average pooling, 2048-d",
+)
+def resnet50() -> nn.Module:
+    """torchvision ResNet50 without ``fc``."""
+    return torchvision_trunk("resnet50")
+
+
+@register(
+    "vgg16",
+    feature_dim=512,
+    profile="imagenet-224",
+    dims=2,
+    description="torchvision VGG16 convolutional features + global average pooling, 512-d (no 4096-d fc layers)",
+)
+def vgg16() -> nn.Module:
+    """torchvision VGG16's convolutional trunk, globally average-pooled."""
+    return torchvision_trunk("vgg16")
