@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from medfm.errors import CheckpointError
 from medfm.models import load_model
-from medfm.models.checkpoints import load_state, load_weights, read_checkpoint, trunk_state_dict
+from medfm.models.checkpoints import load_state, load_weights, read_checkpoint, read_trunk
 
 MODEL = "resnet10-3d"
 
@@ -61,7 +61,7 @@ def test_fmcib_layout(tmp_path, target, source_state):
     assert_state_equal(target, source_state)
 
 
-def test_lightning_layout_reports_heads_as_unexpected(tmp_path, target, source_state):
+def test_lightning_layout_drops_heads_by_rule(tmp_path, target, source_state):
     state = {f"model.trunk.{k}": v for k, v in source_state.items()}
     state["model.heads.0.weight"] = torch.randn(3, 512)
     state["model.heads.0.bias"] = torch.zeros(3)
@@ -69,8 +69,9 @@ def test_lightning_layout_reports_heads_as_unexpected(tmp_path, target, source_s
     torch.save({"state_dict": state, "epoch": 3, "global_step": 120}, path)
     report = load_weights(target, path)
     assert report.coverage == 1.0
-    assert report.prefix == "model.trunk."
-    assert sorted(report.unexpected) == ["model.heads.0.bias", "model.heads.0.weight"]
+    assert report.layout == "lightning"
+    assert sorted(report.dropped) == ["model.heads.0.bias", "model.heads.0.weight"]
+    assert report.unexpected == []
     assert report.missing == []
     assert_state_equal(target, source_state)
 
@@ -270,4 +271,4 @@ def test_checkpoint_that_is_not_a_dict(tmp_path):
 
 def test_checkpoint_without_tensors():
     with pytest.raises(CheckpointError, match="no tensors"):
-        trunk_state_dict({"state_dict": {"epoch": 3, "lr": 0.1}})
+        read_trunk({"state_dict": {"epoch": 3, "lr": 0.1}})

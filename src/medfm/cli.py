@@ -260,6 +260,27 @@ def _knn(args: argparse.Namespace) -> None:
         )
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from medfm.models.hub import sha256_of
+    from medfm.models.registry import create
+    from medfm.models.transfer import save_transferred, transfer_weights
+
+    if args.out and not args.out.endswith(".safetensors"):
+        raise MedfmError(f"--out {args.out}: name a .safetensors file")
+    model = create(args.into, weights=None)
+    report = transfer_weights(args.src, model, inflate=args.inflate, min_coverage=args.min_coverage)
+    print(report.summary())
+    if args.out:
+        provenance = {
+            "source": args.src,
+            "source_sha256": sha256_of(args.src),
+            "model": args.into,
+            "inflate": args.inflate,
+        }
+        weights, sidecar = save_transferred(model, report, args.out, provenance)
+        print(f"wrote {weights} (report: {sidecar})")
+
+
 def _add_table_args(p: argparse.ArgumentParser, label_required: bool = True) -> None:
     p.add_argument("features", help="feature table (Parquet or CSV) with feat_<i> or pred_<i> columns")
     p.add_argument("--label", required=label_required, help="label column")
@@ -375,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.set_defaults(func=_knn)
+
+    p = sub.add_parser("transfer", help="initialise a registered model from a checkpoint of another topology")
+    p.add_argument("src", help="checkpoint: .pt/.pth/.ckpt/.safetensors, or a .tar/.tar.gz holding one")
+    p.add_argument("--into", required=True, metavar="ARCH", help="registered model to initialise (see `medfm models`)")
+    p.add_argument("--out", help="write the initialised weights here (W.safetensors) and the report as W.json")
+    p.add_argument("--inflate", action="store_true", help="inflate 2D conv weights into 3D convs (I3D-style)")
+    p.add_argument(
+        "--min-coverage", type=float, default=0.0, help="fail if the weights cover less of the model than this share"
+    )
+    p.set_defaults(func=_transfer)
 
     p = sub.add_parser("models", help="list registered models and preprocessing profiles")
     p.set_defaults(func=_models)

@@ -3,7 +3,12 @@
 Only ``torch.load(weights_only=True)`` and safetensors are used, so a checkpoint that would run code when
 unpickled is refused before anything runs. Known layouts are unwrapped: FMCIB (``trunk_state_dict``),
 Lightning (``state_dict`` with ``model.trunk.`` / ``model.heads.`` prefixes), DDP ``module.`` prefixes,
-plain state dicts and safetensors files.
+plain state dicts and safetensors files. A ``.tar`` / ``.tar.gz`` archive holding one weight file (as
+RadiologyNET publishes them) is opened with every member checked first: absolute paths, ``..``, links and
+devices are refused, and the weight file is extracted only into a temporary directory.
+
+The checkpoints of pre-training codebases (MoCo, SimCLR, BYOL, SwAV, PIRL, RadiologyNET, ...) are unwrapped
+by rule in :mod:`medfm.models.adapters` (``detect_layout``, ``adapt``; ``read_trunk`` here does both).
 """
 
 from __future__ import annotations
@@ -11,14 +16,31 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import re
+import shutil
+import tarfile
+import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
 
 from medfm.errors import CheckpointError
+from medfm.models.adapters import LAYOUTS, adapt, detect_layout
+
+__all__ = [
+    "LAYOUTS",
+    "LoadReport",
+    "adapt",
+    "detect_layout",
+    "load_state",
+    "load_weights",
+    "read_checkpoint",
+    "read_trunk",
+]
 
 TRUNK_PREFIXES = ("", "trunk.", "model.trunk.", "model.", "backbone.", "encoder.", "model.backbone.")
 
@@ -33,6 +55,8 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     prefix: str = ""
     coverage: float = 0.0
+    dropped: list[str] = field(default_factory=list)  # heads (projection, classifier, ...) left out by rule
+    layout: str = ""
 
     def summary(self) -> str:
         """One line for a log or a terminal."""
@@ -50,6 +74,8 @@ class LoadReport:
             "mismatched": [list(m) for m in self.mismatched],
             "prefix": self.prefix,
             "coverage": self.coverage,
+            "layout": self.layout,
+            "dropped": self.dropped,
         }
 
 
@@ -68,6 +94,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
         except Exception as err:  # safetensors raises its own error types
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if _is_tar(path):
+        return _read_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -89,6 +117,95 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
     return obj
 
 
+# Suffixes of the weight file looked for inside an archive.
+WEIGHT_SUFFIXES = (".pth.tar", ".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".torch", ".pkl", ".tar")
+_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")  # Python 3.12, and 3.8.17+/3.9.17+/3.10.12+/3.11.4+
+
+
+def _is_tar(path: Path) -> bool:
+    """Whether a file is a tar archive (plain or compressed); torch's own zip files are not.
+
+    Not ``zipfile.is_zipfile``: it also says yes to an uncompressed tar whose last member is a torch zip file.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(4) == b"PK\x03\x04":
+            return False
+    try:
+        return tarfile.is_tarfile(path)
+    except (OSError, tarfile.TarError):
+        return False
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    """Refuse the archive if a member could land outside the extraction folder or is not a plain file."""
+    name = member.name
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        reason = "an absolute path"
+    elif ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        reason = "a '..' path"
+    elif member.issym() or member.islnk():
+        reason = f"a link (to {member.linkname!r})"
+    elif member.isdev():
+        reason = "a device or FIFO"
+    elif not (member.isfile() or member.isdir()):
+        reason = "neither a file nor a folder"
+    else:
+        return
+    raise CheckpointError(f"{archive}: refused — the archive's member {name!r} is {reason}; nothing was extracted")
+
+
+def _weight_member(archive: Path, members: list[tarfile.TarInfo]) -> tarfile.TarInfo:
+    files = [
+        m
+        for m in members
+        if m.isfile() and not PurePosixPath(m.name).name.startswith("._") and "__MACOSX" not in m.name.split("/")
+    ]
+    weights = [m for m in files if m.name.lower().endswith(WEIGHT_SUFFIXES)]
+    candidates = weights or (files if len(files) == 1 else [])
+    if len(candidates) != 1:
+        names = [m.name for m in (candidates or files)][:10]
+        what = "several weight files" if len(candidates) > 1 else "no weight file"
+        raise CheckpointError(f"{archive}: the archive holds {what} (members: {names}); extract the one you want")
+    return candidates[0]
+
+
+def _read_archive(path: Path) -> dict[str, object]:
+    """Read the one weight file of a tar archive: all members checked, extracted into a temporary folder only."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(path, member)
+            if {"pickle", "storages", "tensors"} <= {m.name for m in members}:
+                raise CheckpointError(
+                    f"{path}: a checkpoint in PyTorch's legacy tar format, which cannot be read without running "
+                    "its pickles; re-save it with a current PyTorch (torch.save) or as safetensors"
+                )
+            member = _weight_member(path, members)
+            with tempfile.TemporaryDirectory(prefix="medfm-archive-") as tmp:
+                root = Path(tmp).resolve()
+                if _HAS_DATA_FILTER:
+                    tar.extract(member, root, filter="data")
+                    dest = (root / member.name).resolve()
+                else:
+                    dest = root / PurePosixPath(member.name).name
+                    source = tar.extractfile(member)
+                    if source is None:
+                        raise CheckpointError(f"{path}: the archive's member {member.name!r} cannot be read")
+                    with source, open(dest, "wb") as fh:
+                        shutil.copyfileobj(source, fh)
+                if not dest.is_relative_to(root) or not dest.is_file():
+                    raise CheckpointError(f"{path}: refused — {member.name!r} would be extracted outside the folder")
+                if _is_tar(dest):
+                    raise CheckpointError(f"{path}: the archive's member {member.name!r} is itself an archive")
+                try:
+                    return read_checkpoint(dest)
+                except CheckpointError as err:
+                    raise CheckpointError(str(err).replace(str(dest), f"{path}[{member.name}]")) from None
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable tar archive ({err})") from None
+
+
 def _is_pickle(path: Path) -> bool:
     """Whether a file is a torch zip archive or parses as a pickle stream (opcodes only; nothing is executed)."""
     if zipfile.is_zipfile(path):
@@ -100,21 +217,6 @@ def _is_pickle(path: Path) -> bool:
     except Exception:  # pickletools raises ValueError and others on bytes that are not a pickle
         return False
     return True
-
-
-def trunk_state_dict(checkpoint: dict[str, object]) -> dict[str, torch.Tensor]:
-    """The trunk's tensors from any known layout, with DDP ``module.`` prefixes removed."""
-    state: object = checkpoint
-    for key in ("trunk_state_dict", "state_dict", "model_state", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise CheckpointError("checkpoint holds no state dict")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"checkpoint holds no tensors (keys: {list(state)[:8]})")
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in tensors.items()}
 
 
 def _best_prefix(source: dict[str, torch.Tensor], target_keys: set[str]) -> str:
@@ -150,6 +252,22 @@ def load_state(model: nn.Module, source: dict[str, torch.Tensor], min_coverage: 
     return report
 
 
+def read_trunk(
+    source: str | os.PathLike[str] | Mapping[str, object], layout: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """Read a checkpoint (a path, read safely, or a dict already in memory) and unwrap it by rule.
+
+    Returns the trunk's tensors with torchvision-style names, the keys dropped as heads, and the layout.
+    """
+    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
+    name = layout or detect_layout(checkpoint)
+    state, dropped = adapt(checkpoint, name)
+    return state, dropped, name
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str], min_coverage: float = 0.95) -> LoadReport:
-    """Load a checkpoint file of any known layout into ``model`` safely; returns the report."""
-    return load_state(model, trunk_state_dict(read_checkpoint(path)), min_coverage)
+    """Load a checkpoint file of any known layout into ``model`` safely; returns the report (heads dropped by rule)."""
+    state, dropped, layout = read_trunk(path)
+    report = load_state(model, state, min_coverage)
+    report.dropped, report.layout = sorted(dropped), layout
+    return report
