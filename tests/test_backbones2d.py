@@ -74,7 +74,9 @@ def test_entry_is_2d_with_its_profile(name):
     assert entry.feature_dim == dim
     assert entry.profile == profile
     assert isinstance(get_profile(entry.profile), Profile2D)
-    assert entry.weights is None
+    # torchvision's ImageNet weights, verified by the SHA-256 prefix in their file names
+    assert entry.weights.url == f"https://download.pytorch.org/models/{entry.weights.filename}"
+    assert entry.weights.filename.endswith(f"-{entry.weights.sha256_prefix}.pth")
     assert entry.description
 
 

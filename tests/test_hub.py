@@ -172,6 +172,18 @@ def test_wrong_sha256_leaves_nothing(server):
     assert not dest.with_name("w.torch.part").exists()
 
 
+@pytest.mark.parametrize("good", [True, False])
+def test_sha256_prefix_is_verified(server, good):
+    prefix = SHA[:8] if good else "deadbeef"
+    spec = hub.WeightsSpec(filename="w.torch", url=server.url(), sha256_prefix=prefix)
+    if good:
+        assert hub.download(spec, progress=False).read_bytes() == PAYLOAD
+    else:
+        with pytest.raises(WeightsError, match="does not start with deadbeef"):
+            hub.download(spec, progress=False)
+        assert not hub.cached_path(spec).exists()
+
+
 def test_wrong_size_leaves_nothing(server):
     spec = spec_for(server, sha256=None, size=len(PAYLOAD) + 1)
     with pytest.raises(WeightsError, match="size"):

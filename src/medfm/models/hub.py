@@ -27,6 +27,7 @@ class WeightsSpec:
     url: str
     sha256: str | None = None
     size: int | None = None
+    sha256_prefix: str | None = None  # when only the start of the hash is published (torchvision's file names)
 
 
 def medfm_home() -> Path:
@@ -52,10 +53,12 @@ def verify(path: Path, spec: WeightsSpec) -> None:
     """Check a file's size and SHA-256 against what the spec pins; raise WeightsError on mismatch."""
     if spec.size is not None and path.stat().st_size != spec.size:
         raise WeightsError(f"{path}: size {path.stat().st_size} bytes, expected {spec.size} (from {spec.url})")
-    if spec.sha256 is not None:
+    if spec.sha256 is not None or spec.sha256_prefix is not None:
         got = sha256_of(path)
-        if got != spec.sha256.lower():
+        if spec.sha256 is not None and got != spec.sha256.lower():
             raise WeightsError(f"{path}: SHA-256 {got}, expected {spec.sha256} (from {spec.url})")
+        if spec.sha256_prefix is not None and not got.startswith(spec.sha256_prefix.lower()):
+            raise WeightsError(f"{path}: SHA-256 {got} does not start with {spec.sha256_prefix} (from {spec.url})")
 
 
 def resolve(spec: WeightsSpec, model_name: str) -> Path:

@@ -123,6 +123,15 @@ def create(name: str, weights: str | os.PathLike[str] | None = None, min_coverag
     return load_model(name, weights, min_coverage).model
 
 
+def _torchvision_imagenet(filename: str) -> hub.WeightsSpec:
+    """torchvision's ImageNet-1k weights: its file names end in the first 8 hex digits of their SHA-256."""
+    return hub.WeightsSpec(
+        filename=filename,
+        url=f"https://download.pytorch.org/models/{filename}",
+        sha256_prefix=filename.rsplit("-", 1)[1].split(".")[0],
+    )
+
+
 @register(
     "fmcib-resnet50",
     feature_dim=4096,
@@ -157,6 +166,7 @@ def resnet10_3d() -> nn.Module:
     feature_dim=1024,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("densenet121-a639ec97.pth"),
     description="torchvision DenseNet121 trunk: ReLU + global average pooling, 1024-d",
 )
 def densenet121() -> nn.Module:
@@ -169,6 +179,7 @@ def densenet121() -> nn.Module:
     feature_dim=1536,
     profile="imagenet-300",
     dims=2,
+    weights=_torchvision_imagenet("efficientnet_b3_rwightman-b3899882.pth"),
     description="torchvision EfficientNet-B3 trunk: global average pooling, 1536-d",
 )
 def efficientnet_b3() -> nn.Module:
@@ -181,6 +192,7 @@ def efficientnet_b3() -> nn.Module:
     feature_dim=1792,
     profile="imagenet-380",
     dims=2,
+    weights=_torchvision_imagenet("efficientnet_b4_rwightman-23ab8bcd.pth"),
     description="torchvision EfficientNet-B4 trunk: global average pooling, 1792-d",
 )
 def efficientnet_b4() -> nn.Module:
@@ -193,6 +205,7 @@ def efficientnet_b4() -> nn.Module:
     feature_dim=2048,
     profile="imagenet-299",
     dims=2,
+    weights=_torchvision_imagenet("inception_v3_google-0cc3c7bd.pth"),
     description="torchvision InceptionV3 trunk (no aux head, no input transform): global average pooling, 2048-d",
 )
 def inception_v3() -> nn.Module:
@@ -205,6 +218,7 @@ def inception_v3() -> nn.Module:
     feature_dim=576,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("mobilenet_v3_small-047dcff4.pth"),
     description="torchvision MobileNetV3-Small trunk: global average pooling of the last conv, 576-d",
 )
 def mobilenet_v3_small() -> nn.Module:
@@ -217,6 +231,7 @@ def mobilenet_v3_small() -> nn.Module:
     feature_dim=960,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("mobilenet_v3_large-8738ca79.pth"),
     description="torchvision MobileNetV3-Large trunk: global average pooling of the last conv, 960-d",
 )
 def mobilenet_v3_large() -> nn.Module:
@@ -229,6 +244,7 @@ def mobilenet_v3_large() -> nn.Module:
     feature_dim=512,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("resnet18-f37072fd.pth"),
     description="torchvision ResNet18 trunk: global average pooling, 512-d",
 )
 def resnet18() -> nn.Module:
@@ -241,6 +257,7 @@ def resnet18() -> nn.Module:
     feature_dim=512,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("resnet34-b627a593.pth"),
     description="torchvision ResNet34 trunk: global average pooling, 512-d",
 )
 def resnet34() -> nn.Module:
@@ -253,6 +270,7 @@ def resnet34() -> nn.Module:
     feature_dim=2048,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("resnet50-0676ba61.pth"),
     description="torchvision ResNet50 trunk: global average pooling, 2048-d",
 )
 def resnet50() -> nn.Module:
@@ -265,6 +283,7 @@ def resnet50() -> nn.Module:
     feature_dim=512,
     profile="imagenet-224",
     dims=2,
+    weights=_torchvision_imagenet("vgg16-397923af.pth"),
     description="torchvision VGG16 convolutional features + global average pooling, 512-d (no 4096-d fc layers)",
 )
 def vgg16() -> nn.Module:
