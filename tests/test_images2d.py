@@ -119,7 +119,12 @@ def test_extract_2d_features_from_real_images(need_shared, tmp_path):
         sorted(need_shared("chest_xray_nih").glob("*.png"))
         + sorted(need_shared("brain_tumor_mri", "0").glob("*.jpg"))[:2]
     )
-    pd.DataFrame({"image_path": [str(f) for f in files], "label": [0, 0, 1, 1]}).to_csv(tmp_path / "m.csv", index=False)
+    pneumonia = np.load(need_shared("pneumoniamnist", "pneumoniamnist_reconstructed.npz"))
+    for i in range(2):  # 28×28 chest X-rays, upsampled by the profile like any small image
+        Image.fromarray(pneumonia["test_images"][i]).save(tmp_path / f"pneumonia_{i}.png")
+        files.append(tmp_path / f"pneumonia_{i}.png")
+    labels = [0, 0, 1, 1, 2, 2]
+    pd.DataFrame({"image_path": [str(f) for f in files], "label": labels}).to_csv(tmp_path / "m.csv", index=False)
     torch.manual_seed(11)
     source = torchvision.models.resnet18(weights=None)
     source.fc = torch.nn.Identity()
