@@ -135,23 +135,7 @@ def _probe(args: argparse.Namespace) -> None:
         print((Path(args.out) / "fractions.md").read_text())
         print(f"{len(runs)} runs; per-run results under {args.out}/fraction_*/repeat_*/")
         return
-    result = run_probe(
-        args.features,
-        args.label,
-        args.out,
-        scoring=args.scoring,
-        search=args.search,
-        trials=args.trials,
-        split_column=args.split_column,
-        cv=args.cv,
-        group=args.group,
-        test_size=args.test_size,
-        n_bootstrap=args.bootstrap,
-        seed=args.seed,
-        storage=args.storage,
-        feature_prefix=args.feature_prefix,
-        progress=not args.quiet,
-    )
+    result = run_probe(args.features, args.label, args.out, **common)
     print(f"test {result.scoring}: {result.test_metric}  (best C {result.best_c:.3g})")
     print(f"results in {result.results} (and results.md, predictions.csv, roc.png, pr.png); probe {result.probe}")
 

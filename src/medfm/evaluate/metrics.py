@@ -6,6 +6,7 @@ summing to one; binary metrics read its last column.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,26 @@ def _resample_indices(n: int, groups: np.ndarray | None, rng: np.random.Generato
     return np.concatenate([members[g] for g in chosen])
 
 
+def bootstrap_values(
+    fn: Callable[[np.ndarray], float],
+    n: int,
+    groups: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
+    """``fn(indices)`` over seeded resamples of n rows (whole groups when given); NaN results are left out."""
+    rng = np.random.default_rng(seed)
+    values = (fn(_resample_indices(n, groups, rng)) for _ in range(n_resamples))
+    return np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+
+
+def percentile_interval(value: float, values: np.ndarray, level: float = 0.95) -> Interval:
+    """The percentile bootstrap interval of ``values`` around the point estimate ``value``."""
+    alpha = (1 - level) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha]) if len(values) else (np.nan, np.nan)
+    return Interval(float(value), float(low), float(high), level, len(values))
+
+
 def bootstrap_ci(
     metric: str,
     y: np.ndarray,
@@ -88,16 +109,12 @@ def bootstrap_ci(
 ) -> Interval:
     """Percentile bootstrap CI of a metric; resamples whole groups (patients) when ``groups`` is given."""
     y = np.asarray(y)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        idx = _resample_indices(len(y), groups, rng)
-        if len(np.unique(y[idx])) < 2:
-            continue  # a resample with one class has no AUC; skipping is the usual convention
-        values.append(score(metric, y[idx], proba[idx], classes))
-    alpha = (1 - level) / 2
-    low, high = np.quantile(values, [alpha, 1 - alpha]) if values else (np.nan, np.nan)
-    return Interval(score(metric, y, proba, classes), float(low), float(high), level, len(values))
+
+    def one(idx: np.ndarray) -> float:  # a resample with one class has no AUC: skipped, the usual convention
+        return score(metric, y[idx], proba[idx], classes) if len(np.unique(y[idx])) > 1 else np.nan
+
+    values = bootstrap_values(one, len(y), groups, n_resamples, seed)
+    return percentile_interval(score(metric, y, proba, classes), values, level)
 
 
 def paired_bootstrap(
@@ -113,21 +130,16 @@ def paired_bootstrap(
 ) -> tuple[Interval, float]:
     """CI of metric(A) − metric(B) on the same resamples, and the two-sided bootstrap p-value of no difference."""
     y = np.asarray(y)
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_resamples):
-        idx = _resample_indices(len(y), groups, rng)
+
+    def diff(idx: np.ndarray) -> float:
         if len(np.unique(y[idx])) < 2:
-            continue
-        diffs.append(score(metric, y[idx], proba_a[idx], classes) - score(metric, y[idx], proba_b[idx], classes))
-    diffs = np.asarray(diffs)
-    alpha = (1 - level) / 2
+            return np.nan
+        return score(metric, y[idx], proba_a[idx], classes) - score(metric, y[idx], proba_b[idx], classes)
+
+    diffs = bootstrap_values(diff, len(y), groups, n_resamples, seed)
     point = score(metric, y, proba_a, classes) - score(metric, y, proba_b, classes)
-    if len(diffs) == 0:
-        return Interval(float(point), float("nan"), float("nan"), level, 0), float("nan")
-    low, high = np.quantile(diffs, [alpha, 1 - alpha])
-    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
-    return Interval(float(point), float(low), float(high), level, len(diffs)), float(p)
+    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))) if len(diffs) else float("nan")
+    return percentile_interval(point, diffs, level), float(p)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from medfm.data.outputs import write_json, write_table
 from medfm.errors import ManifestError
 from medfm.evaluate.features import read_features
 from medfm.evaluate.linear import _row_span, _standardise
-from medfm.evaluate.metrics import Interval, _resample_indices
+from medfm.evaluate.metrics import bootstrap_values, percentile_interval
 from medfm.evaluate.splits import make_splits
 
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
@@ -94,17 +94,6 @@ def alive_at_labels(time: np.ndarray, event: np.ndarray, horizon: float) -> tupl
     return known, died[known].astype(int)
 
 
-def _bootstrap(fn, n: int, groups: np.ndarray | None, n_resamples: int, seed: int) -> tuple[float, float]:  # noqa: ANN001
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        value = fn(_resample_indices(n, groups, rng))
-        if np.isfinite(value):
-            values.append(value)
-    low, high = np.quantile(values, [0.025, 0.975]) if values else (np.nan, np.nan)
-    return float(low), float(high)
-
-
 def run_survival(
     features: str | os.PathLike[str] | pd.DataFrame,
     time_column: str,
@@ -143,8 +132,7 @@ def run_survival(
     risk = model.risk(x[test])
     t, e = time[test], event[test]
     g = None if groups is None else groups[test]
-    c = concordance_index(t, e, risk)
-    low, high = _bootstrap(lambda i: concordance_index(t[i], e[i], risk[i]), len(t), g, n_bootstrap, seed)
+    c_values = bootstrap_values(lambda i: concordance_index(t[i], e[i], risk[i]), len(t), g, n_bootstrap, seed)
     report: dict[str, object] = {
         "time": time_column,
         "event": event_column,
@@ -154,7 +142,7 @@ def run_survival(
         "n_development": len(dev),
         "n_test": len(test),
         "events_test": int(e.sum()),
-        "test": {"c_index": Interval(c, low, high, 0.95, n_bootstrap).to_dict()},
+        "test": {"c_index": percentile_interval(concordance_index(t, e, risk), c_values).to_dict()},
     }
     if horizon is not None:
         known, died = alive_at_labels(t, e, horizon)
@@ -165,8 +153,8 @@ def run_survival(
             def auc_of(i: np.ndarray) -> float:
                 return float(roc_auc_score(died[i], r[i])) if 0 < died[i].sum() < len(i) else float("nan")
 
-            lo, hi = _bootstrap(auc_of, len(died), None if g is None else g[known], n_bootstrap, seed)
-            report["test"][f"auc_died_by_{horizon:g}"] = Interval(auc, lo, hi, 0.95, n_bootstrap).to_dict()
+            values = bootstrap_values(auc_of, len(died), None if g is None else g[known], n_bootstrap, seed)
+            report["test"][f"auc_died_by_{horizon:g}"] = percentile_interval(auc, values).to_dict()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_table(
