@@ -276,3 +276,19 @@ def test_lidc_nifti(need_shared):
     assert volume.array.shape == (133, 256, 256)
     assert volume.array.dtype == np.uint8
     assert read_geometry(path) == g
+
+
+def test_a_series_with_an_empty_uid_can_be_chosen(tmp_path, need_shared):
+    pydicom = pytest.importorskip("pydicom")
+    source = need_shared(*DICOM_CT)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    other = "1.2.826.0.1.3680043.8.498.303"
+    for i, f in enumerate(sorted(source.iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = "" if i < 8 else other
+        ds.save_as(folder / f.name)
+    with pytest.raises(VolumeError, match="<empty UID> \\(8 files\\)"):
+        read_volume(folder)
+    assert read_volume(folder, series_uid="").geometry.size[2] == 8
+    assert read_volume(folder, series_uid=other).geometry.size[2] == 12

@@ -90,12 +90,12 @@ def _series_files(folder: str, series_uid: str | None) -> list[str]:
     series = dicom_series(folder)
     if not series:
         raise VolumeError(folder, "folder holds no DICOM series")
-    if series_uid:
+    if series_uid is not None:
         if series_uid not in series:
             raise VolumeError(folder, f"series {series_uid} not found; the folder holds {sorted(series)}")
         return series[series_uid]
     if len(series) > 1:
-        listing = ", ".join(f"{uid} ({len(f)} files)" for uid, f in sorted(series.items()))
+        listing = ", ".join(f"{uid or '<empty UID>'} ({len(f)} files)" for uid, f in sorted(series.items()))
         raise VolumeError(folder, f"folder holds {len(series)} DICOM series, choose one with series_uid: {listing}")
     return next(iter(series.values()))
 

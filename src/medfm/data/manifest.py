@@ -45,7 +45,7 @@ class Manifest:
         if SERIES_COLUMN not in self.table.columns:
             return None
         value = self.table[SERIES_COLUMN].iloc[row]
-        return None if pd.isna(value) or str(value) == "" else str(value)
+        return None if pd.isna(value) else str(value)  # "" (from Parquet) chooses a series whose UID is empty
 
     def volumes(self, rows: list[int] | None = None) -> list[tuple[str, str | None, list[int]]]:
         """Group rows by the volume they read: (path, series uid, rows) in order of first appearance."""
