@@ -127,3 +127,21 @@ def test_load_from_checkpoint_path_records_sha256(tmp_path):
     assert loaded.model.training is False
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_one_channel_model_from_three_channel_weights(tmp_path):
+    """in_channels=1 sums the first conv's RGB weights: on grey images it equals the RGB network on grey × 3."""
+    import torchvision
+
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    loaded = load_model("resnet18", tmp_path / "r18.pth", in_channels=1)
+    assert loaded.model.conv1.weight.shape == (64, 1, 7, 7)
+    assert loaded.report.coverage == 1.0 and len(loaded.report.adapted) == 1
+    source.fc = torch.nn.Identity()
+    source.eval()
+    grey = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(grey), source(grey.repeat(1, 3, 1, 1)), atol=1e-5, rtol=1e-5)
+    assert create("resnet10-3d", in_channels=2).conv1.in_channels == 2

@@ -22,6 +22,7 @@ from medfm.models import hub
 from medfm.models.backbones import resnet3d
 from medfm.models.backbones2d import torchvision_trunk
 from medfm.models.checkpoints import LoadReport, load_weights
+from medfm.models.transfer import TransferReport, transfer_weights
 
 PUBLISHED = "published"
 
@@ -34,7 +35,7 @@ class ModelEntry:
     """
 
     name: str
-    builder: Callable[[], nn.Module]
+    builder: Callable[..., nn.Module]
     feature_dim: int
     profile: str
     weights: hub.WeightsSpec | None = None
@@ -50,7 +51,7 @@ class LoadedModel:
     entry: ModelEntry
     weights_path: Path | None
     weights_sha256: str | None
-    report: LoadReport | None
+    report: LoadReport | TransferReport | None
     seed: int | None = None
 
 
@@ -65,10 +66,10 @@ def register(
     weights: hub.WeightsSpec | None = None,
     description: str = "",
     dims: int = 3,
-) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a builder under ``name`` (``dims=2`` for an image trunk with a 2D profile)."""
 
-    def wrap(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ModelError(f"a model named {name!r} is already registered")
         if dims not in (2, 3):
@@ -99,9 +100,17 @@ def list_models() -> list[str]:
 
 
 def load_model(
-    name: str, weights: str | os.PathLike[str] | None = PUBLISHED, min_coverage: float = 0.95, seed: int = 0
+    name: str,
+    weights: str | os.PathLike[str] | None = PUBLISHED,
+    min_coverage: float = 0.95,
+    seed: int = 0,
+    in_channels: int | None = None,
 ) -> LoadedModel:
-    """Build a registered model and load its weights: ``'published'`` (cache), a path, or None (random, seeded)."""
+    """Build a registered model and load its weights: ``'published'`` (cache), a path, or None (random, seeded).
+
+    ``in_channels`` changes the first convolution (e.g. 1 for grey images into a 3-channel ImageNet network);
+    weights are then moved in with :func:`transfer_weights`, which sums (or spreads) the first conv's channels.
+    """
     entry = get_entry(name)
     path: Path | None = None
     if weights is not None and str(weights) == PUBLISHED:
@@ -111,16 +120,21 @@ def load_model(
     elif weights is not None:
         path = Path(weights)
     torch.manual_seed(seed)
-    model = entry.builder()
+    model = entry.builder() if in_channels is None else entry.builder(in_channels=in_channels)
     if path is None:
         return LoadedModel(model.eval(), entry, None, None, None, seed=seed)
-    report = load_weights(model, path, min_coverage=min_coverage)
+    if in_channels is None:
+        report = load_weights(model, path, min_coverage=min_coverage)
+    else:
+        report = transfer_weights(path, model, min_coverage=min_coverage)
     return LoadedModel(model.eval(), entry, path, hub.sha256_of(path), report)
 
 
-def create(name: str, weights: str | os.PathLike[str] | None = None, min_coverage: float = 0.95) -> nn.Module:
+def create(
+    name: str, weights: str | os.PathLike[str] | None = None, min_coverage: float = 0.95, in_channels: int | None = None
+) -> nn.Module:
     """Build a registered model: ``weights=None`` random init, ``'published'`` from the cache, or a path."""
-    return load_model(name, weights, min_coverage).model
+    return load_model(name, weights, min_coverage, in_channels=in_channels).model
 
 
 def _torchvision_imagenet(filename: str) -> hub.WeightsSpec:
@@ -142,9 +156,9 @@ def _torchvision_imagenet(filename: str) -> hub.WeightsSpec:
     ),
     description="FMCIB foundation model: MONAI 3D ResNet50, widen 2, first-conv stride 2, 4096-d pooled features",
 )
-def fmcib_resnet50() -> nn.Module:
+def fmcib_resnet50(in_channels: int = 1) -> nn.Module:
     """The FMCIB trunk (Pai et al., Nature Machine Intelligence 2024)."""
-    return resnet3d(depth=50, widen_factor=2, conv1_t_stride=2)
+    return resnet3d(depth=50, widen_factor=2, conv1_t_stride=2, in_channels=in_channels)
 
 
 @register(
@@ -153,9 +167,9 @@ def fmcib_resnet50() -> nn.Module:
     profile="fmcib",
     description="MONAI 3D ResNet10 trunk on the fmcib profile: a small, fast network for experiments and tests",
 )
-def resnet10_3d() -> nn.Module:
+def resnet10_3d(in_channels: int = 1) -> nn.Module:
     """A MONAI 3D ResNet10 trunk, 512-d pooled features."""
-    return resnet3d(depth=10)
+    return resnet3d(depth=10, in_channels=in_channels)
 
 
 # 2D image trunks: torchvision classifiers with their heads removed (medfm.models.backbones2d), random init.
@@ -169,9 +183,9 @@ def resnet10_3d() -> nn.Module:
     weights=_torchvision_imagenet("densenet121-a639ec97.pth"),
     description="torchvision DenseNet121 trunk: ReLU + global average pooling, 1024-d",
 )
-def densenet121() -> nn.Module:
+def densenet121(in_channels: int = 3) -> nn.Module:
     """torchvision DenseNet121 without its classifier."""
-    return torchvision_trunk("densenet121")
+    return torchvision_trunk("densenet121", in_channels)
 
 
 @register(
@@ -182,9 +196,9 @@ def densenet121() -> nn.Module:
     weights=_torchvision_imagenet("efficientnet_b3_rwightman-b3899882.pth"),
     description="torchvision EfficientNet-B3 trunk: global average pooling, 1536-d",
 )
-def efficientnet_b3() -> nn.Module:
+def efficientnet_b3(in_channels: int = 3) -> nn.Module:
     """torchvision EfficientNet-B3 without its classifier."""
-    return torchvision_trunk("efficientnet_b3")
+    return torchvision_trunk("efficientnet_b3", in_channels)
 
 
 @register(
@@ -195,9 +209,9 @@ def efficientnet_b3() -> nn.Module:
     weights=_torchvision_imagenet("efficientnet_b4_rwightman-23ab8bcd.pth"),
     description="torchvision EfficientNet-B4 trunk: global average pooling, 1792-d",
 )
-def efficientnet_b4() -> nn.Module:
+def efficientnet_b4(in_channels: int = 3) -> nn.Module:
     """torchvision EfficientNet-B4 without its classifier."""
-    return torchvision_trunk("efficientnet_b4")
+    return torchvision_trunk("efficientnet_b4", in_channels)
 
 
 @register(
@@ -208,9 +222,9 @@ def efficientnet_b4() -> nn.Module:
     weights=_torchvision_imagenet("inception_v3_google-0cc3c7bd.pth"),
     description="torchvision InceptionV3 trunk (no aux head, no input transform): global average pooling, 2048-d",
 )
-def inception_v3() -> nn.Module:
+def inception_v3(in_channels: int = 3) -> nn.Module:
     """torchvision InceptionV3 without its auxiliary and final classifiers."""
-    return torchvision_trunk("inception_v3")
+    return torchvision_trunk("inception_v3", in_channels)
 
 
 @register(
@@ -221,9 +235,9 @@ def inception_v3() -> nn.Module:
     weights=_torchvision_imagenet("mobilenet_v3_small-047dcff4.pth"),
     description="torchvision MobileNetV3-Small trunk: global average pooling of the last conv, 576-d",
 )
-def mobilenet_v3_small() -> nn.Module:
+def mobilenet_v3_small(in_channels: int = 3) -> nn.Module:
     """torchvision MobileNetV3-Small without its classifier (hidden layer included)."""
-    return torchvision_trunk("mobilenet_v3_small")
+    return torchvision_trunk("mobilenet_v3_small", in_channels)
 
 
 @register(
@@ -234,9 +248,9 @@ def mobilenet_v3_small() -> nn.Module:
     weights=_torchvision_imagenet("mobilenet_v3_large-8738ca79.pth"),
     description="torchvision MobileNetV3-Large trunk: global average pooling of the last conv, 960-d",
 )
-def mobilenet_v3_large() -> nn.Module:
+def mobilenet_v3_large(in_channels: int = 3) -> nn.Module:
     """torchvision MobileNetV3-Large without its classifier (hidden layer included)."""
-    return torchvision_trunk("mobilenet_v3_large")
+    return torchvision_trunk("mobilenet_v3_large", in_channels)
 
 
 @register(
@@ -247,9 +261,9 @@ def mobilenet_v3_large() -> nn.Module:
     weights=_torchvision_imagenet("resnet18-f37072fd.pth"),
     description="torchvision ResNet18 trunk: global average pooling, 512-d",
 )
-def resnet18() -> nn.Module:
+def resnet18(in_channels: int = 3) -> nn.Module:
     """torchvision ResNet18 without ``fc``."""
-    return torchvision_trunk("resnet18")
+    return torchvision_trunk("resnet18", in_channels)
 
 
 @register(
@@ -260,9 +274,9 @@ def resnet18() -> nn.Module:
     weights=_torchvision_imagenet("resnet34-b627a593.pth"),
     description="torchvision ResNet34 trunk: global average pooling, 512-d",
 )
-def resnet34() -> nn.Module:
+def resnet34(in_channels: int = 3) -> nn.Module:
     """torchvision ResNet34 without ``fc``."""
-    return torchvision_trunk("resnet34")
+    return torchvision_trunk("resnet34", in_channels)
 
 
 @register(
@@ -273,9 +287,9 @@ def resnet34() -> nn.Module:
     weights=_torchvision_imagenet("resnet50-0676ba61.pth"),
     description="torchvision ResNet50 trunk: global average pooling, 2048-d",
 )
-def resnet50() -> nn.Module:
+def resnet50(in_channels: int = 3) -> nn.Module:
     """torchvision ResNet50 without ``fc``."""
-    return torchvision_trunk("resnet50")
+    return torchvision_trunk("resnet50", in_channels)
 
 
 @register(
@@ -286,6 +300,6 @@ def resnet50() -> nn.Module:
     weights=_torchvision_imagenet("vgg16-397923af.pth"),
     description="torchvision VGG16 convolutional features + global average pooling, 512-d (no 4096-d fc layers)",
 )
-def vgg16() -> nn.Module:
+def vgg16(in_channels: int = 3) -> nn.Module:
     """torchvision VGG16's convolutional trunk, globally average-pooled."""
-    return torchvision_trunk("vgg16")
+    return torchvision_trunk("vgg16", in_channels)
