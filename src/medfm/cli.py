@@ -108,6 +108,16 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, model=args.model, n_patients=args.patients, num_workers=args.workers, progress=not args.quiet)
 
 
+def _split_args(args: argparse.Namespace) -> dict[str, object]:
+    """The split options every feature-table command shares."""
+    return {"split_column": args.split_column, "group": args.group, "test_size": args.test_size}
+
+
+def _interval(m: dict[str, float]) -> str:
+    """A metric with its CI, from an interval's plain-data form."""
+    return f"{m['value']:.3f} (95% CI {m['low']:.3f}–{m['high']:.3f})"
+
+
 def _probe(args: argparse.Namespace) -> None:
     from medfm.evaluate.probe import run_fractions, run_probe
 
@@ -120,10 +130,8 @@ def _probe(args: argparse.Namespace) -> None:
         scoring=args.scoring,
         search=args.search,
         trials=args.trials,
-        split_column=args.split_column,
         cv=args.cv,
-        group=args.group,
-        test_size=args.test_size,
+        **_split_args(args),
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         storage=args.storage,
@@ -150,16 +158,14 @@ def _survival(args: argparse.Namespace) -> None:
         event_column,
         args.out,
         horizon=args.horizon,
-        split_column=args.split_column,
         cv=args.cv,
-        group=args.group,
-        test_size=args.test_size,
+        **_split_args(args),
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         feature_prefix=args.feature_prefix,
     )
     for name, m in report["test"].items():
-        print(f"test {name}: {m['value']:.3f} (95% CI {m['low']:.3f}–{m['high']:.3f})")
+        print(f"test {name}: {_interval(m)}")
     print(f"best penalty {report['best_alpha']:.3g}; results in {args.out}/results.json")
 
 
@@ -216,9 +222,7 @@ def _fewshot(args: argparse.Namespace) -> None:
         ways=args.ways,
         shots=args.shots,
         episodes=args.episodes,
-        split_column=args.split_column,
-        group=args.group,
-        test_size=args.test_size,
+        **_split_args(args),
         seed=args.seed,
     ):
         print(summary)
@@ -232,16 +236,12 @@ def _knn(args: argparse.Namespace) -> None:
         args.label,
         k=args.k,
         temperature=args.temperature,
-        split_column=args.split_column,
-        group=args.group,
-        test_size=args.test_size,
+        **_split_args(args),
         n_bootstrap=args.bootstrap,
         seed=args.seed,
     )
     for name, m in report["test"].items():
-        print(
-            f"kNN (k={args.k}, T={args.temperature}) {name}: {m['value']:.3f} (95% CI {m['low']:.3f}–{m['high']:.3f})"
-        )
+        print(f"kNN (k={args.k}, T={args.temperature}) {name}: {_interval(m)}")
 
 
 def _transfer(args: argparse.Namespace) -> None:

@@ -66,7 +66,7 @@ def _read_dicom(path: str) -> Image2D:
             ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
             ds.file_meta.TransferSyntaxUID = (
                 pydicom.uid.ImplicitVRLittleEndian if ds.is_implicit_VR else pydicom.uid.ExplicitVRLittleEndian
-            )  # noqa: E501
+            )
         pixels = ds.pixel_array
     except VolumeError:
         raise

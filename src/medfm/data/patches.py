@@ -216,7 +216,7 @@ def _sample_separable(
 ) -> np.ndarray:
     """Trilinear sampling when each patch axis runs along one source axis: three small matrix products.
 
-    Same values as :func:`sample_trilinear` (trilinear weights factor per axis), ~20× faster for a 50³ patch.
+    Same values as :func:`sample_trilinear` (trilinear weights factor per axis), much faster for a 50³ patch (see ``benchmarks/extract_speed.py``).
     Returns (Z, Y, X) over the given patch axes.
     """
     coords = [patch_to_source[axes_src[a], a] * axes[a] + patch_to_source[axes_src[a], 3] for a in range(3)]
@@ -234,8 +234,11 @@ def _sample_separable(
     return np.einsum(spec, block, *weights, optimize=True)
 
 
-def sample_patch(volume: Volume, plan: PatchPlan, profile: Profile) -> np.ndarray:
-    """Interpolate the planned patch from the original voxels; returns (C, Z, Y, X) float32, scaled."""
+def sample_patch(volume: Volume, plan: PatchPlan, profile: Profile, separable: bool = True) -> np.ndarray:
+    """Interpolate the planned patch from the original voxels; returns (C, Z, Y, X) float32, scaled.
+
+    ``separable=False`` forces point-by-point trilinear even on axis-aligned grids (for checks and benchmarks).
+    """
     size = plan.size_xyz
     lo = np.asarray(plan.data_lo) - plan.start
     hi = np.asarray(plan.data_hi) - plan.start
@@ -243,7 +246,7 @@ def sample_patch(volume: Volume, plan: PatchPlan, profile: Profile) -> np.ndarra
     axes = [np.arange(lo[a], hi[a]) for a in range(3)]
     if all(len(a) for a in axes):
         to_source = np.linalg.inv(volume.geometry.matrix) @ plan.affine_lps  # patch index → source index
-        axes_src = _axis_map(to_source)
+        axes_src = _axis_map(to_source) if separable else None
         if axes_src is not None:
             values = _sample_separable(volume.array, to_source, axes_src, axes, profile.pad_hu)
         else:

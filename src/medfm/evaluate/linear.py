@@ -86,7 +86,7 @@ class LinearProbe:
 
     # -- fitting ----------------------------------------------------------------------------------------------
     def _fit_one(self, z: np.ndarray, y: np.ndarray, c: float, start: tuple[np.ndarray, np.ndarray] | None):
-        """Fit at strength ``c``, warm-started from ``start``; returns (coef, intercept)."""  # noqa: D401
+        """Fit at strength ``c``, warm-started from ``start``; returns (coef, intercept)."""
         model = LogisticRegression(C=c, max_iter=self.max_iter, warm_start=start is not None, tol=1e-6)
         if start is not None:
             model.coef_, model.intercept_ = start[0].copy(), start[1].copy()

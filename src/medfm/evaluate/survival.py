@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from medfm.data.outputs import write_json, write_table
 from medfm.errors import ManifestError
-from medfm.evaluate.features import read_features
+from medfm.evaluate.features import read_labelled
 from medfm.evaluate.linear import _row_span, _standardise
 from medfm.evaluate.metrics import bootstrap_values, percentile_interval
 from medfm.evaluate.splits import make_splits
@@ -109,15 +109,14 @@ def run_survival(
     feature_prefix: str | None = None,
 ) -> dict[str, object]:
     """Search the Cox penalty on validation C-index, refit on train+val, report test C-index (and AUC at T) with CIs."""
-    table, x, _ = read_features(features, feature_prefix)
-    for column in (time_column, event_column, group):
-        if column and column not in table.columns:
-            raise ManifestError(f"column {column!r} not found; columns are {list(table.columns)[:20]}")
-    keep = (table[time_column].notna() & table[event_column].notna()).to_numpy()
-    table, x = table[keep].reset_index(drop=True), x[keep]
+    data = read_labelled(features, event_column, group, feature_prefix)  # rows without an event value left out
+    if time_column not in data.table.columns:
+        raise ManifestError(f"column {time_column!r} not found; columns are {list(data.table.columns)[:20]}")
+    timed = data.table[time_column].notna().to_numpy()
+    table, x, rows = data.table[timed].reset_index(drop=True), data.x[timed], data.rows[timed]
     time = table[time_column].to_numpy(dtype=float)
     event = table[event_column].to_numpy(dtype=float)
-    groups = table[group].astype(str).to_numpy() if group else None
+    groups = None if data.groups is None else data.groups[timed]
     splits = make_splits(table, event.astype(int), split_column, cv, groups, test_size, seed)
     search = []
     for alpha in ALPHAS:
@@ -158,7 +157,7 @@ def run_survival(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_table(
-        pd.DataFrame({"row": np.flatnonzero(keep)[test], time_column: t, event_column: e, "risk": risk}),
+        pd.DataFrame({"row": rows[test], time_column: t, event_column: e, "risk": risk}),
         out / "predictions.csv",
     )
     write_json(report, out / "results.json")
