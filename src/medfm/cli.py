@@ -297,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfm", description="Foundation models for medical images.")
     parser.add_argument("--version", action="version", version=f"medfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "pretrain",
+        help="pre-train a trunk (SimCLR, mined-negative SimCLR, SupCon, supervised): "
+        "`medfm pretrain fit --config run.yaml`, `medfm pretrain export CKPT --name NAME`",
+        add_help=False,
+    )
 
     p = sub.add_parser("crop", help="cut seed-point patches and write them as .npy (+ NIfTI)")
     _add_manifest_args(p)
@@ -404,9 +410,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pretrain_export(args: argparse.Namespace) -> None:
+    from medfm.pretrain.export import export_trunk
+
+    card = export_trunk(args.checkpoint, args.name, args.profile, args.description, args.overwrite)
+    print(f"exported {args.name}: card {card}; use it with `medfm extract --model {args.name} ...`")
+
+
+def _pretrain_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medfm pretrain export", description="register the trunk of a pre-training checkpoint as a model"
+    )
+    p.add_argument("checkpoint", help="a Lightning checkpoint of `medfm pretrain fit` (e.g. .../checkpoints/last.ckpt)")
+    p.add_argument("--name", required=True, help="the model name to register (then `medfm extract --model NAME`)")
+    p.add_argument("--profile", help="preprocessing profile (default: the profile the run trained with)")
+    p.add_argument("--description", default="", help="one line for `medfm models`")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the same name")
+    p.set_defaults(func=_pretrain_export)
+    return p
+
+
+def _pretrain(argv: list[str]) -> int:
+    """``medfm pretrain export …`` here; everything else (fit, --print_config, …) goes to LightningCLI."""
+    if argv[:1] == ["export"]:
+        return _run(_pretrain_export_parser().parse_args(argv[1:]))
+    from medfm.pretrain.launch import run_cli
+
+    try:
+        run_cli(argv)
+    except (MedfmError, ValueError) as err:
+        print(f"medfm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``medfm``; returns the exit status (2 for a medfm error, printed as one line)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:
+        return _pretrain(argv[1:])
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Call a parsed command, turning medfm errors into one line and exit status 2."""
     warnings.filterwarnings("ignore", module="monai")
     try:
         args.func(args)

@@ -8,15 +8,18 @@ from 2D image trunks (a ``Profile2D``, torchvision networks built by :mod:`medfm
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from medfm.data.profiles import Profile, Profile2D, get_profile
+from medfm.data.profiles import Profile, Profile2D, get_profile, list_profiles, register_profile
 from medfm.errors import ModelError
 from medfm.models import hub
 from medfm.models.backbones import resnet3d
@@ -87,7 +90,8 @@ def register(
 
 
 def get_entry(name: str) -> ModelEntry:
-    """The registry entry of a model name."""
+    """The registry entry of a model name (user models in ``$MEDFM_HOME/models`` included)."""
+    load_user_models()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -95,7 +99,8 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def list_models() -> list[str]:
-    """Names of the registered models."""
+    """Names of the registered models (user models in ``$MEDFM_HOME/models`` included)."""
+    load_user_models()
     return sorted(_REGISTRY)
 
 
@@ -303,3 +308,72 @@ def resnet50(in_channels: int = 3) -> nn.Module:
 def vgg16(in_channels: int = 3) -> nn.Module:
     """torchvision VGG16's convolutional trunk, globally average-pooled."""
     return torchvision_trunk("vgg16", in_channels)
+
+
+# Trunks described as data (pre-training configs, exported model cards): a registry name, or a family with arguments.
+
+
+def build_trunk(name: str, in_channels: int | None = None, **args: object) -> tuple[nn.Module, int]:
+    """A randomly initialised trunk and its feature size: a registered model name, or ``resnet3d`` with
+    ``depth``, ``widen_factor``, ``conv1_t_stride`` (the MONAI 3D ResNet family that FMCIB's trunk belongs to)."""
+    if name == "resnet3d":
+        model = resnet3d(in_channels=in_channels or 1, **args)
+        norms = [m for m in model.layer4.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return model, int(norms[-1].num_features)
+    entry = get_entry(name)
+    if args:
+        raise ModelError(f"model {name} takes no trunk arguments (got {sorted(args)}); use name: resnet3d for those")
+    model = entry.builder() if in_channels is None else entry.builder(in_channels=in_channels)
+    return model, entry.feature_dim
+
+
+def user_models_dir() -> Path:
+    """Where exported models' cards (JSON) live: ``$MEDFM_HOME/models`` (their weights go to ``weights/``)."""
+    return hub.medfm_home() / "models"
+
+
+def _profile_of(card: dict) -> str:
+    """The card's profile name, registered from the card's own copy when this process does not know it."""
+    name = card["profile"]
+    if name not in list_profiles():
+        spec = dict(card["profile_spec"])
+        kind = Profile2D if "resize" in spec else Profile
+        register_profile(kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
+    return name
+
+
+def register_card(card: dict, card_path: Path) -> ModelEntry:
+    """Register an exported model from its card: trunk spec, feature size, profile, weight file in the cache."""
+    trunk = card["trunk"]
+    builder = partial(_build_from_card, trunk["name"], trunk.get("args", {}), trunk.get("in_channels"))
+    spec = hub.WeightsSpec(
+        filename=card["weights"], url=f"(exported locally, card {card_path})", sha256=card.get("sha256")
+    )
+    register(
+        card["name"],
+        feature_dim=int(card["feature_dim"]),
+        profile=_profile_of(card),
+        weights=spec,
+        description=card.get("description", f"exported from {card.get('source', {}).get('checkpoint', '?')}"),
+        dims=int(card["dims"]),
+    )(builder)
+    return _REGISTRY[card["name"]]
+
+
+def _build_from_card(name: str, args: dict, card_channels: int | None, in_channels: int | None = None) -> nn.Module:
+    return build_trunk(name, in_channels or card_channels, **args)[0]
+
+
+def load_user_models() -> None:
+    """Register every card in ``$MEDFM_HOME/models`` not registered yet (a bad card is skipped with a warning)."""
+    folder = user_models_dir()
+    if not folder.is_dir():
+        return
+    for card_path in sorted(folder.glob("*.json")):
+        try:
+            card = json.loads(card_path.read_text())
+            if card.get("name") in _REGISTRY:
+                continue
+            register_card(card, card_path)
+        except (OSError, ValueError, KeyError, TypeError, ModelError) as err:
+            warnings.warn(f"{card_path}: not a usable model card ({err}); skipped", stacklevel=2)

@@ -1,0 +1,103 @@
+"""Training data over a patch store: seeded augmented views, and a sampler that shards epochs across ranks.
+
+Every random choice of an item comes from (seed, epoch, index), so the same run gives the same views whatever the
+number of loader workers or ranks, and each epoch gives new ones. The sampler yields ``(index, epoch)`` pairs and
+splits each epoch's permutation between the processes of a distributed run itself (equal shares, so every rank
+takes the same number of steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+from medfm.data.augment import ViewPipeline
+from medfm.data.store import PatchStore
+
+NO_LABEL = -1
+
+
+class EpochSampler(Sampler):
+    """Seeded per-epoch shuffling, sharded over the ranks of the default process group; yields (index, epoch)."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at the start of each epoch."""
+        self.epoch = epoch
+
+    def _world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __len__(self) -> int:
+        _, world = self._world()
+        return self.size // world if self.drop_last else -(-self.size // world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rank, world = self._world()
+        order = np.arange(self.size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        if self.drop_last:
+            order = order[: len(order) // world * world]
+        else:
+            order = np.concatenate([order, order[: (-len(order)) % world]])
+        for index in order[rank::world]:
+            yield int(index), self.epoch
+
+
+class StoreViews(Dataset):
+    """Items of a patch store: ``views`` augmented views of the patch (and of one mined negative), with labels."""
+
+    def __init__(
+        self,
+        store: PatchStore,
+        view: ViewPipeline,
+        indices: np.ndarray | None = None,
+        views: int = 2,
+        mined: bool = False,
+        labels: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> None:
+        if mined and store.negatives is None:
+            raise ValueError("mined negatives asked for, but the store has none (build it with negatives > 0)")
+        self.store = store
+        self.view = view
+        self.indices = np.arange(len(store)) if indices is None else np.asarray(indices)
+        self.views = views
+        self.mined = mined
+        labels = store.labels if labels is None else labels
+        self.labels = None if labels is None else np.asarray(labels)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        entry = int(self.indices[index])
+        seeds = np.random.SeedSequence([self.seed, epoch, entry]).generate_state(2 * self.views + 1)
+        patch = np.asarray(self.store.patches[entry])
+        item = {
+            "views": torch.from_numpy(np.stack([self.view(patch, int(seeds[v])) for v in range(self.views)])),
+            "index": torch.tensor(entry),
+            "label": torch.tensor(NO_LABEL if self.labels is None else int(self.labels[entry])),
+        }
+        if self.mined:
+            negatives = self.store.negatives[entry]
+            chosen = np.asarray(negatives[int(seeds[-1]) % len(negatives)])
+            item["negatives"] = torch.from_numpy(
+                np.stack([self.view(chosen, int(seeds[self.views + v])) for v in range(self.views)])
+            )
+        return item
