@@ -290,6 +290,20 @@ def _finish(
     shutil.rmtree(work, ignore_errors=True)
 
 
+def _elsewhere(start: np.ndarray, room: np.ndarray, big: np.ndarray, rng: np.random.Generator) -> tuple[slice, ...]:
+    """A random block of size ``big`` whose corner is at least half a block from ``start`` along one axis."""
+    corner = np.array([rng.integers(0, r + 1) for r in room])
+    half = big // 2
+    axes = [a for a in rng.permutation(len(room)) if start[a] - half[a] >= 0 or start[a] + half[a] <= room[a]]
+    if axes:
+        a = axes[0]
+        valid = [c for c in range(room[a] + 1) if abs(c - start[a]) >= half[a]]
+        corner[a] = valid[rng.integers(len(valid))]
+    else:  # the array is too small for a block apart from the centre: take the farthest one
+        corner = np.where(start >= room - start, 0, room)
+    return tuple(slice(int(a), int(a + b)) for a, b in zip(corner, big))
+
+
 def store_from_arrays(
     images: np.ndarray,
     root: str | os.PathLike[str],
@@ -321,24 +335,22 @@ def store_from_arrays(
     start = (spatial - big) // 2
     centre = tuple(slice(int(a), int(a + b)) for a, b in zip(start, big))
     out = np.lib.format.open_memmap(
-        root / "patches.npy", mode="w+", dtype=np.float32, shape=(len(images), images.shape[1], *big)
+        root / "patches.npy", mode="w+", dtype=np.float32, shape=(len(images), images.shape[1], *big.tolist())
     )
     out[:] = images[(slice(None), slice(None), *centre)]
     out.flush()
     if negatives:
         rng = np.random.default_rng(seed)
         negs = np.lib.format.open_memmap(
-            root / "negatives.npy", mode="w+", dtype=np.float32, shape=(len(images), negatives, images.shape[1], *big)
+            root / "negatives.npy",
+            mode="w+",
+            dtype=np.float32,
+            shape=(len(images), negatives, images.shape[1], *big.tolist()),
         )
         room = spatial - big
         for i in range(len(images)):
             for k in range(negatives):
-                for _ in range(100):
-                    corner = np.array([rng.integers(0, r + 1) for r in room])
-                    if np.max(np.abs(corner - start)) >= np.min(big) // 2:
-                        break
-                box = tuple(slice(int(a), int(a + b)) for a, b in zip(corner, big))
-                negs[i, k] = images[(i, slice(None), *box)]
+                negs[i, k] = images[(i, slice(None), *_elsewhere(start, room, big, rng))]
         negs.flush()
     np.save(root / "rows.npy", np.arange(len(images), dtype=np.int64))
     if labels is not None:

@@ -52,7 +52,7 @@ class EpochSampler(Sampler):
         if self.drop_last:
             order = order[: len(order) // world * world]
         else:
-            order = np.concatenate([order, order[: (-len(order)) % world]])
+            order = np.resize(order, -(-len(order) // world) * world)  # repeats the start, even past n < world
         for index in order[rank::world]:
             yield int(index), self.epoch
 
