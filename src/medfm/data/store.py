@@ -175,6 +175,11 @@ def build_store(
         errors.update({int(k): v for k, v in json.loads(errors_path.read_text()).items()})
     position = {row: i for i, row in enumerate(wanted)}
     groups = manifest.volumes(wanted)
+    # negatives keep away from every seed of a scan, also those of rows not in this store (other splits)
+    lesions = {
+        (path, uid): np.asarray([manifest.seeds_lps[r] for r in members if r not in manifest.row_errors])
+        for path, uid, members in (manifest.volumes() if not is_2d else [])
+    }
     with progress_bar(progress) as bar:
         task = bar.add_task("caching patches", total=len(wanted))
         for path, uid, members in groups:
@@ -186,7 +191,9 @@ def build_store(
                         for row in todo:
                             patches[position[row]] = patch
                     else:
-                        _cut_volume(manifest, path, uid, todo, big, position, patches, negs, seed, errors)
+                        _cut_volume(
+                            manifest, path, uid, todo, big, position, patches, negs, seed, errors, lesions[(path, uid)]
+                        )
                 except MedfmError as err:
                     errors.update({r: str(getattr(err, "reason", err)) for r in todo if r not in errors})
                 for row in todo:
@@ -216,10 +223,10 @@ def _cut_volume(
     negs: np.ndarray | None,
     seed: int,
     errors: dict[int, str],
+    seeds: np.ndarray,
 ) -> None:
-    """Cut the rows of one volume (and their mined negatives) into the memory maps."""
+    """Cut the rows of one volume (and their mined negatives, away from ``seeds``) into the memory maps."""
     volume = read_volume(path, uid)
-    seeds = np.asarray([manifest.seeds_lps[r] for r in rows])
     for row in rows:
         try:
             patches[position[row]] = sample_patch(

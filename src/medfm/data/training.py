@@ -88,7 +88,7 @@ class StoreViews(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         entry = int(self.indices[index])
         seeds = np.random.SeedSequence([self.seed, epoch, entry]).generate_state(2 * self.views + 1)
-        patch = np.asarray(self.store.patches[entry])
+        patch = np.array(self.store.patches[entry])  # a writable copy out of the read-only map
         item = {
             "views": torch.from_numpy(np.stack([self.view(patch, int(seeds[v])) for v in range(self.views)])),
             "index": torch.tensor(entry),
@@ -96,7 +96,7 @@ class StoreViews(Dataset):
         }
         if self.mined:
             negatives = self.store.negatives[entry]
-            chosen = np.asarray(negatives[int(seeds[-1]) % len(negatives)])
+            chosen = np.array(negatives[int(seeds[-1]) % len(negatives)])
             item["negatives"] = torch.from_numpy(
                 np.stack([self.view(chosen, int(seeds[self.views + v])) for v in range(self.views)])
             )
