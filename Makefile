@@ -26,6 +26,8 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
 	$(BIN)/python benchmarks/probe_real.py
+	$(BIN)/python benchmarks/pretrain_throughput.py
+	$(BIN)/python benchmarks/ssl_real.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

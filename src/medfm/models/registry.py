@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medfm.data.profiles import Profile, Profile2D, get_profile, list_profiles, register_profile
-from medfm.errors import ModelError
+from medfm.errors import MedfmError, ModelError
 from medfm.models import hub
 from medfm.models.backbones import resnet3d
 from medfm.models.backbones2d import torchvision_trunk
@@ -342,13 +342,18 @@ def _profile_of(card: dict) -> str:
     return name
 
 
-def register_card(card: dict, card_path: Path) -> ModelEntry:
-    """Register an exported model from its card: trunk spec, feature size, profile, weight file in the cache."""
+def register_card(card: dict, card_path: Path, replace: bool = False) -> ModelEntry:
+    """Register an exported model from its card: trunk spec, feature size, profile, weight file in the cache.
+
+    ``replace`` drops an entry of the same name first (an export written over an earlier one).
+    """
     trunk = card["trunk"]
     builder = partial(_build_from_card, trunk["name"], trunk.get("args", {}), trunk.get("in_channels"))
     spec = hub.WeightsSpec(
         filename=card["weights"], url=f"(exported locally, card {card_path})", sha256=card.get("sha256")
     )
+    if replace:
+        _REGISTRY.pop(card["name"], None)
     register(
         card["name"],
         feature_dim=int(card["feature_dim"]),
@@ -375,5 +380,5 @@ def load_user_models() -> None:
             if card.get("name") in _REGISTRY:
                 continue
             register_card(card, card_path)
-        except (OSError, ValueError, KeyError, TypeError, ModelError) as err:
+        except (OSError, ValueError, KeyError, TypeError, MedfmError) as err:  # ProfileError too: a bad profile_spec
             warnings.warn(f"{card_path}: not a usable model card ({err}); skipped", stacklevel=2)

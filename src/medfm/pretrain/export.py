@@ -85,6 +85,5 @@ def export_trunk(
         },
     }
     write_json(card, card_path)
-    if name not in list_models():
-        register_card(card, card_path)
+    register_card(card, card_path, replace=True)  # an overwritten export replaces the entry of this process too
     return card_path

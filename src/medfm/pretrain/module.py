@@ -8,6 +8,8 @@ objectives share :func:`medfm.pretrain.losses.distributed_contrastive`, which ga
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -165,7 +167,15 @@ class PretrainModule(pl.LightningModule):
         lr = hp.lr if hp.lr_scaling == "none" else scaled_lr(hp.lr, batch, hp.lr_scaling)
         optimizer = build_optimizer(hp.optimizer, param_groups(self, hp.weight_decay), lr, hp.weight_decay, hp.momentum)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = min(total, int(round(hp.warmup_epochs * total / epochs)))
+        # Warm-up epochs in steps from the loader's length: total / max_epochs is wrong when max_steps ends the
+        # run (max_epochs is then -1, and the estimate above does not load the loader, or is larger than it takes).
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
+        else:
+            per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = min(total, int(round(hp.warmup_epochs * per_epoch)))
         schedule = warmup_cosine(optimizer, total, warmup, hp.final_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
