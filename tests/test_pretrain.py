@@ -31,9 +31,10 @@ from medfm.data import profiles
 from medfm.data.synthetic import make_demo_dataset
 from medfm.models import registry
 from medfm.pretrain.data import PretrainData
-from medfm.pretrain.launch import GlobalBatchNorm, GlobalBatchNormSync, MedfmCLI, runs_on_cpu
 from medfm.pretrain.module import PretrainModule, projection_head, stack_views
 from medfm.pretrain.monitor import knn_scores
+from medfm.train.cli import MedfmCLI
+from medfm.train.distributed import GlobalBatchNorm, GlobalBatchNormSync, runs_on_cpu
 
 # Cheap views of the 50³ store: a random shift, the central 16³, random flips (MONAI's resized crop costs ~50 ms).
 VIEW = [

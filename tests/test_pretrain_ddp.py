@@ -217,7 +217,7 @@ def _batch_norm_case(shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
 
 def _batch_norm_worker(rank: int, port: int, out: str) -> None:
     """One rank: its half of each batch through GlobalBatchNorm; outputs, input and summed parameter gradients."""
-    from medfm.pretrain.launch import GlobalBatchNorm
+    from medfm.train.distributed import GlobalBatchNorm
 
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -18,26 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when none is running."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor over all ranks along dim 0, gradients flowing back to each rank's part."""
-    _, size = world()
-    if size == 1:
-        return tensor
-    if tensor.requires_grad:
-        return torch.cat(all_gather(tensor), dim=0)
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+from medfm.train.distributed import gather, world
 
 
 def contrastive_loss(

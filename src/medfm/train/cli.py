@@ -1,0 +1,101 @@
+"""The LightningCLI shared by ``medfm pretrain`` and ``medfm finetune``: defaults, resume and launch.
+
+``fit --config run.yaml [--trainer.devices 2 …]`` trains; ``--print_config`` shows the resolved config, which is
+also saved beside the checkpoints; ``--ckpt_path last`` resumes the newest ``last.ckpt`` under the run's
+``default_root_dir``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from medfm.train.distributed import GlobalBatchNormSync, runs_on_cpu
+
+
+def find_last_checkpoint(root: str | Path) -> Path | None:
+    """The newest ``last.ckpt`` under a run folder, or None."""
+    found = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def default_loggers(root: str | Path) -> list:
+    """A CSV logger always (metrics.csv per run), and TensorBoard too when it is installed."""
+    loggers: list = [CSVLogger(root, name="logs")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(root, name="logs", version=loggers[0].version))
+    return loggers
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision where the GPU has it, 16-bit mixed on older GPUs, full precision on the CPU."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class MedfmCLI(LightningCLI):
+    """LightningCLI with medfm's defaults: CSV (+TensorBoard) logging, last checkpoints, resumable runs,
+    mixed precision where the device has it, global batch norm on CPU DDP."""
+
+    default_root = "outputs/run"
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        root = config.get("default_root_dir") or self.default_root
+        config["default_root_dir"] = root
+        if config.get("logger") in (None, True):
+            config["logger"] = default_loggers(root)
+        if config.get("precision") is None:
+            config["precision"] = default_precision(str(config.get("accelerator") or "auto"))
+        if config.get("sync_batchnorm") and runs_on_cpu(config.get("accelerator")):
+            plugins = config.get("plugins")
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+            config["plugins"] = [*plugins, GlobalBatchNormSync()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` resumes the newest last.ckpt of the run folder (a fresh start if there is none)."""
+        fit = self.config_init["fit"]
+        if fit.get("ckpt_path") == "last":
+            last = find_last_checkpoint(self.trainer.default_root_dir)
+            fit["ckpt_path"] = str(last) if last else None
+            print(f"resuming from {last}" if last else "no last.ckpt found: starting from scratch")
+
+
+def launch(
+    module: type[pl.LightningModule],
+    data: type[pl.LightningDataModule],
+    args: list[str] | None,
+    prog: str,
+    default_root: str,
+    callbacks: list[Callback] | None = None,
+) -> MedfmCLI:
+    """Run LightningCLI for ``module`` + ``data`` on ``args`` with medfm's defaults."""
+    # sys.argv stays as it is ("medfm pretrain ..."): DDP relaunches the same command line in each process.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    cli_class = type("MedfmRunCLI", (MedfmCLI,), {"default_root": default_root})
+    return cli_class(
+        module,
+        data,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "use_distributed_sampler": False,  # medfm's EpochSampler shards each epoch over the ranks itself
+            "callbacks": [
+                ModelCheckpoint(save_last=True, every_n_epochs=1),
+                LearningRateMonitor(logging_interval="step"),
+                *(callbacks or []),
+            ],
+        },
+        parser_kwargs={"prog": prog},
+    )
