@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medfm.data.splits import Splits, holdout, leaked_groups, make_splits
 from medfm.errors import ManifestError
-from medfm.evaluate.splits import Splits, holdout, leaked_groups, make_splits
 
 
 def _table(n_patients: int = 60, seed: int = 0, split: bool = False) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:

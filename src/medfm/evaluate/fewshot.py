@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
+from medfm.data.splits import holdout
 from medfm.evaluate.features import read_labelled
-from medfm.evaluate.splits import holdout
 
 HEADS = ("prototype", "logistic")
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pandas as pd
 
+from medfm.data.splits import holdout
 from medfm.evaluate.features import read_labelled
 from medfm.evaluate.metrics import bootstrap_ci
-from medfm.evaluate.splits import holdout
 
 
 class KNNProbe:

@@ -191,3 +191,14 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, level: 
         float(diff - half),
         float(diff + half),
     )
+
+
+def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's C: among pairs where the earlier time is an event, the share where it has the higher risk."""
+    time, event, risk = (np.asarray(a, dtype=float) for a in (time, event, risk))
+    concordant = comparable = 0.0
+    for i in np.flatnonzero(event > 0):
+        later = time > time[i]
+        comparable += later.sum()
+        concordant += (risk[i] > risk[later]).sum() + 0.5 * (risk[i] == risk[later]).sum()
+    return float(concordant / comparable) if comparable else float("nan")

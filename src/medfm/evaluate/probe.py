@@ -13,11 +13,11 @@ import pandas as pd
 
 from medfm.data.manifest import read_table
 from medfm.data.outputs import write_json, write_table
+from medfm.data.splits import make_splits
 from medfm.errors import ManifestError, MedfmError
 from medfm.evaluate.features import feature_columns, read_features, read_labelled
 from medfm.evaluate.linear import LinearProbe
 from medfm.evaluate.metrics import METRICS, Interval, bootstrap_ci, delong_test, paired_bootstrap
-from medfm.evaluate.splits import make_splits
 from medfm.progress import progress_bar
 
 

@@ -16,24 +16,13 @@ from scipy.optimize import minimize
 from sklearn.metrics import roc_auc_score
 
 from medfm.data.outputs import write_json, write_table
+from medfm.data.splits import make_splits
 from medfm.errors import ManifestError
 from medfm.evaluate.features import read_labelled
 from medfm.evaluate.linear import _row_span, _standardise
-from medfm.evaluate.metrics import bootstrap_values, percentile_interval
-from medfm.evaluate.splits import make_splits
+from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval
 
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
-
-
-def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C: among pairs where the earlier time is an event, the share where it has the higher risk."""
-    time, event, risk = (np.asarray(a, dtype=float) for a in (time, event, risk))
-    concordant = comparable = 0.0
-    for i in np.flatnonzero(event > 0):
-        later = time > time[i]
-        comparable += later.sum()
-        concordant += (risk[i] > risk[later]).sum() + 0.5 * (risk[i] == risk[later]).sum()
-    return float(concordant / comparable) if comparable else float("nan")
 
 
 def _neg_log_partial_likelihood(eta: np.ndarray, time: np.ndarray, event: np.ndarray) -> tuple[float, np.ndarray]:
