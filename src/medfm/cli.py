@@ -170,6 +170,18 @@ def _survival(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    try:
+        kind = json.loads(Path(args.probe).read_text()).get("kind")
+    except (OSError, ValueError) as err:
+        raise MedfmError(f"{args.probe}: not a readable model card or probe ({err})") from None
+    if kind == "medfm-finetuned":
+        from medfm.finetune.outputs import predict_manifest
+
+        path = predict_manifest(args.probe, args.features, args.out, on_error=args.on_error)
+        print(f"wrote {path}")
+        return
     from medfm.evaluate.probe import predict
 
     print(f"wrote {predict(args.probe, args.features, args.out)}")
@@ -303,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "`medfm pretrain fit --config run.yaml`, `medfm pretrain export CKPT --name NAME`",
         add_help=False,
     )
+    sub.add_parser(
+        "finetune",
+        help="fine-tune a trunk + head (binary, multiclass, regression, survival): `medfm finetune fit --config "
+        "task.yaml`, `medfm finetune sweep --config task.yaml --fractions 1 0.1 --repeats 3`",
+        add_help=False,
+    )
 
     p = sub.add_parser("crop", help="cut seed-point patches and write them as .npy (+ NIfTI)")
     _add_manifest_args(p)
@@ -354,10 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_probe)
 
-    p = sub.add_parser("predict", help="apply a saved probe (probe.json) to a feature table")
-    p.add_argument("probe")
-    p.add_argument("features")
+    p = sub.add_parser(
+        "predict",
+        help="apply a saved probe (probe.json) to a feature table, or a fine-tuned model (model.json) to a manifest",
+    )
+    p.add_argument("probe", help="probe.json of `medfm probe`, or model.json of `medfm finetune fit`")
+    p.add_argument("features", help="a feature table (probe), or a manifest (fine-tuned model)")
     p.add_argument("--out", required=True, help="P.csv or P.parquet")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad manifest rows (fine-tuned)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("compare", help="paired bootstrap CI of the difference of two probes, and DeLong for AUC")
@@ -430,11 +452,38 @@ def _pretrain_export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pretrain(argv: list[str]) -> int:
-    """``medfm pretrain export …`` here; everything else (fit, --print_config, …) goes to LightningCLI."""
-    if argv[:1] == ["export"]:
+def _finetune_sweep(args: argparse.Namespace) -> None:
+    from medfm.finetune.launch import sweep
+
+    table = sweep(args.config, args.out, args.fractions, args.repeats, args.extra)
+    summary = table.groupby(["metric", "fraction"])["value"].agg(["mean", "std", "count"])
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {Path(args.out) / 'sweep.csv'}")
+
+
+def _finetune_sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medfm finetune sweep", description="fine-tune at several training fractions and seeds; one table"
+    )
+    p.add_argument("--config", required=True, help="the task's YAML config (as for `medfm finetune fit`)")
+    p.add_argument("--out", required=True, help="folder of the runs and sweep.csv")
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--repeats", type=int, default=3, help="seeds per fraction")
+    p.add_argument("extra", nargs="*", help="more overrides after --, e.g. -- --model.init=published")
+    p.set_defaults(func=_finetune_sweep)
+    return p
+
+
+def _lightning(command: str, argv: list[str]) -> int:
+    """``medfm pretrain|finetune``: export / sweep here; fit, --print_config, … go to LightningCLI."""
+    if command == "pretrain" and argv[:1] == ["export"]:
         return _run(_pretrain_export_parser().parse_args(argv[1:]))
-    from medfm.pretrain.launch import run_cli
+    if command == "finetune" and argv[:1] == ["sweep"]:
+        return _run(_finetune_sweep_parser().parse_args(argv[1:]))
+    if command == "pretrain":
+        from medfm.pretrain.launch import run_cli
+    else:
+        from medfm.finetune.launch import run_cli
 
     try:
         run_cli(argv)
@@ -447,8 +496,8 @@ def _pretrain(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``medfm``; returns the exit status (2 for a medfm error, printed as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["pretrain"]:
-        return _pretrain(argv[1:])
+    if argv[:1] in (["pretrain"], ["finetune"]):
+        return _lightning(argv[0], argv[1:])
     return _run(build_parser().parse_args(argv))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
@@ -22,10 +23,16 @@ NO_LABEL = -1
 
 
 class EpochSampler(Sampler):
-    """Seeded per-epoch shuffling, sharded over the ranks of the default process group; yields (index, epoch)."""
+    """Seeded per-epoch shuffling, sharded over the ranks of the default process group; yields (index, epoch).
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
+    With ``weights`` each epoch draws ``size`` indices with replacement in proportion to them (oversampling).
+    """
+
+    def __init__(
+        self, size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True, weights: np.ndarray | None = None
+    ) -> None:
         self.size = size
+        self.weights = None if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
@@ -47,8 +54,11 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rank, world = self._world()
         order = np.arange(self.size)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is not None:
+            order = rng.choice(self.size, size=self.size, replace=True, p=self.weights)
+        elif self.shuffle:
+            order = rng.permutation(self.size)
         if self.drop_last:
             order = order[: len(order) // world * world]
         else:
@@ -58,7 +68,8 @@ class EpochSampler(Sampler):
 
 
 class StoreViews(Dataset):
-    """Items of a patch store: ``views`` augmented views of the patch (and of one mined negative), with labels."""
+    """Items of a patch store: ``views`` augmented views of the patch (and of one mined negative), with labels
+    and, when given, float ``targets`` per store entry (regression values, survival time and event)."""
 
     def __init__(
         self,
@@ -69,6 +80,7 @@ class StoreViews(Dataset):
         mined: bool = False,
         labels: np.ndarray | None = None,
         seed: int = 0,
+        targets: np.ndarray | None = None,
     ) -> None:
         if mined and store.negatives is None:
             raise ValueError("mined negatives asked for, but the store has none (build it with negatives > 0)")
@@ -80,6 +92,7 @@ class StoreViews(Dataset):
         labels = store.labels if labels is None else labels
         self.labels = None if labels is None else np.asarray(labels)
         self.seed = seed
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -94,6 +107,8 @@ class StoreViews(Dataset):
             "index": torch.tensor(entry),
             "label": torch.tensor(NO_LABEL if self.labels is None else int(self.labels[entry])),
         }
+        if self.targets is not None:  # float targets per store entry: (value,) for regression, (time, event)
+            item["target"] = torch.from_numpy(np.atleast_1d(self.targets[entry]).astype(np.float32))
         if self.mined:
             negatives = self.store.negatives[entry]
             chosen = np.array(negatives[int(seeds[-1]) % len(negatives)])
@@ -101,3 +116,12 @@ class StoreViews(Dataset):
                 np.stack([self.view(chosen, int(seeds[self.views + v])) for v in range(self.views)])
             )
         return item
+
+
+def encode_labels(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Class indices of a label column (sorted class names; missing labels are -1) and the class names."""
+    present = values.dropna()
+    classes = sorted(present.unique().tolist())
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes = np.array([NO_LABEL if pd.isna(v) else lookup[v] for v in values], dtype=np.int64)
+    return codes, [str(c) for c in classes]

@@ -11,24 +11,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
-import pandas as pd
 from torch.utils.data import DataLoader
 
 from medfm.data.augment import build_view, default_view
 from medfm.data.manifest import read_manifest
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.store import PatchStore, build_store, open_store
-from medfm.data.training import NO_LABEL, EpochSampler, StoreViews
+from medfm.data.training import EpochSampler, StoreViews, encode_labels
 from medfm.models.hub import medfm_home
-
-
-def encode_labels(values: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """Class indices of a label column (sorted class names; missing labels are -1) and the class names."""
-    present = values.dropna()
-    classes = sorted(present.unique().tolist())
-    lookup = {c: i for i, c in enumerate(classes)}
-    codes = np.array([NO_LABEL if pd.isna(v) else lookup[v] for v in values], dtype=np.int64)
-    return codes, [str(c) for c in classes]
 
 
 class PretrainData(pl.LightningDataModule):

@@ -19,7 +19,7 @@ from medfm.models.registry import build_trunk
 from medfm.models.transfer import transfer_weights
 from medfm.pretrain.losses import distributed_contrastive
 from medfm.pretrain.monitor import knn_scores
-from medfm.pretrain.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from medfm.train.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 
 METHODS = ("simclr", "simclr-mined", "supcon", "supervised")
 

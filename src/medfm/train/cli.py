@@ -78,12 +78,13 @@ def launch(
     prog: str,
     default_root: str,
     callbacks: list[Callback] | None = None,
+    cli_class: type[MedfmCLI] = MedfmCLI,
 ) -> MedfmCLI:
-    """Run LightningCLI for ``module`` + ``data`` on ``args`` with medfm's defaults."""
+    """Run LightningCLI (``cli_class``) for ``module`` + ``data`` on ``args`` with medfm's defaults."""
     # sys.argv stays as it is ("medfm pretrain ..."): DDP relaunches the same command line in each process.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    cli_class = type("MedfmRunCLI", (MedfmCLI,), {"default_root": default_root})
-    return cli_class(
+    run_class = type(f"{cli_class.__name__}Run", (cli_class,), {"default_root": default_root})
+    return run_class(
         module,
         data,
         args=args,

@@ -1,0 +1,99 @@
+"""``medfm finetune``: LightningCLI over :class:`FinetuneModule` and :class:`FinetuneData`, and ``sweep``.
+
+``medfm finetune fit --config task.yaml`` trains, restores the best validation weights, tests them once and writes
+``results.json``, the curves and the model card into the run's log folder (:mod:`medfm.finetune.outputs`).
+``medfm finetune sweep --config task.yaml --fractions 1 0.1 --repeats 3`` runs it per training fraction and seed
+and writes one table of test metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from medfm.data.outputs import write_table
+from medfm.finetune.data import FinetuneData
+from medfm.finetune.module import FinetuneModule
+from medfm.finetune.outputs import write_run_outputs
+from medfm.train.cli import MedfmCLI, launch
+
+
+class FinetuneCLI(MedfmCLI):
+    """After fit: test the restored best weights once, then write results, curves and the model card."""
+
+    def after_fit(self) -> None:
+        """Test and write the run's outputs (rank 0 writes)."""
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if trainer.is_global_zero:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            card = write_run_outputs(self.model, self.datamodule, folder)
+            test = {k: round(v["value"], 4) for k, v in self.model.test_results.items() if k != "n"}
+            print(f"test {test}; best {self.model.best}; model card {card}")
+
+
+def run_cli(args: list[str] | None = None) -> MedfmCLI:
+    """Run ``medfm finetune`` with LightningCLI on ``args`` (e.g. ``["fit", "--config", "task.yaml"]``)."""
+    return launch(
+        FinetuneModule,
+        FinetuneData,
+        args,
+        prog="medfm finetune",
+        default_root="outputs/finetune",
+        cli_class=FinetuneCLI,
+    )
+
+
+def sweep(
+    config: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    fractions: list[float],
+    repeats: int = 3,
+    extra: list[str] | None = None,
+) -> pd.DataFrame:
+    """Fine-tune at each training fraction × seed (``repeats`` seeds; one at fraction 1 unless asked) and table the
+    test metrics with their CIs into ``out/sweep.csv``. Finished runs (with a results.json) are not redone."""
+    out = Path(out)
+    records = []
+    for fraction in fractions:
+        for seed in range(repeats):
+            folder = out / f"fraction_{fraction:g}" / f"seed_{seed}"
+            results = next(iter(sorted(folder.rglob("results.json"))), None)
+            if results is None:
+                run_cli(
+                    [
+                        "fit",
+                        "--config",
+                        str(config),
+                        f"--seed_everything={seed}",
+                        f"--data.train_fraction={fraction}",
+                        f"--data.fraction_seed={seed}",
+                        f"--data.seed={seed}",
+                        f"--trainer.default_root_dir={folder}",
+                        *(extra or []),
+                    ]
+                )
+                results = next(iter(sorted(folder.rglob("results.json"))))
+            data = json.loads(results.read_text())
+            for metric, interval in data["test"].items():
+                if metric == "n":
+                    continue
+                records.append(
+                    {
+                        "fraction": fraction,
+                        "seed": seed,
+                        "metric": metric,
+                        "value": interval["value"],
+                        "low": interval.get("low"),
+                        "high": interval.get("high"),
+                        "best_epoch": data["best"].get("epoch"),
+                    }
+                )
+    table = pd.DataFrame(records)
+    write_table(table, out / "sweep.csv")
+    return table

@@ -1,0 +1,374 @@
+"""The fine-tuning LightningModule: a trunk (random, published, registered or from a checkpoint) and an MLP head.
+
+FMCIB's three supervised approaches are three ``init`` values: ``random`` (supervised from scratch), a fine-tuned
+or supervised checkpoint (supervised transfer), and the foundation model (``published`` or a registered name).
+``freeze`` keeps the trunk (or its blocks up to one) fixed. Tasks: binary (one logit, BCE), multiclass (softmax),
+regression (MSE) and survival (Cox partial likelihood over the global batch). Validation metrics are logged every
+epoch and kept in ``history``; the best weights are restored at the end of fit (:class:`BestWeights`); the test
+metrics carry bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torch import nn
+
+from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval, score
+from medfm.finetune.losses import cox_loss
+from medfm.models import hub
+from medfm.models.registry import build_trunk, get_entry, list_models
+from medfm.models.transfer import transfer_weights
+from medfm.train.distributed import gather, world
+from medfm.train.optim import build_optimizer, warmup_cosine
+
+TASKS = ("binary", "multiclass", "regression", "survival")
+MONITORS = {
+    "binary": ("auroc", "max"),
+    "multiclass": ("auroc", "max"),
+    "regression": ("mae", "min"),
+    "survival": ("c_index", "max"),
+}
+
+
+def mlp_head(in_dim: int, widths: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers ``in_dim → widths…`` with ReLU (and dropout) between them."""
+    layers: list[nn.Module] = []
+    dims = [in_dim, *widths]
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 1:
+            layers.append(nn.ReLU(inplace=True))
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def task_metrics(task: str, output: np.ndarray, target: np.ndarray, idx: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of model outputs (probabilities, values or risks) against targets, on rows ``idx`` (all if None)."""
+    if idx is not None:
+        output, target = output[idx], target[idx]
+    if task in ("binary", "multiclass"):
+        y = target.astype(int)
+        classes = np.arange(output.shape[1])
+        if len(np.unique(y)) < 2:
+            return {"balanced_accuracy": score("balanced_accuracy", y, output, classes)}
+        return {
+            "auroc": score("roc_auc", y, output, classes),
+            "average_precision": score("average_precision", y, output, classes),
+            "balanced_accuracy": score("balanced_accuracy", y, output, classes),
+        }
+    if task == "regression":
+        error = output[:, 0] - target[:, 0]
+        total = np.sum((target[:, 0] - target[:, 0].mean()) ** 2)
+        return {
+            "mae": float(np.mean(np.abs(error))),
+            "rmse": float(np.sqrt(np.mean(error**2))),
+            "r2": float(1 - np.sum(error**2) / total) if total > 0 else float("nan"),
+        }
+    return {"c_index": concordance_index(target[:, 0], target[:, 1], output[:, 0])}
+
+
+class BestWeights(Callback):
+    """Keep a deep copy of the weights at the best validation score; put them back when fit ends."""
+
+    def __init__(self, monitor: str, mode: str = "max") -> None:
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Copy the weights when the monitored metric improves."""
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or not torch.isfinite(value):
+            return
+        value = float(value)
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the best weights (the last ones stay only when no epoch was validated)."""
+        if self.state is not None:
+            pl_module.load_state_dict(self.state)
+            pl_module.best = {"epoch": self.best_epoch, self.monitor: self.best}
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints, so a resumed run keeps its best weights."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore from a checkpoint."""
+        self.best, self.best_epoch, self.state = state_dict["best"], state_dict["best_epoch"], state_dict["state"]
+
+
+class FinetuneModule(pl.LightningModule):
+    """Fine-tune a trunk with an MLP head on a labelled task.
+
+    Args:
+        task: ``binary``, ``multiclass``, ``regression`` or ``survival``.
+        num_classes: classes of a multiclass task.
+        trunk, trunk_args, in_channels: the architecture (a registered name, or ``resnet3d`` with arguments).
+        init: ``random``; ``published`` (the trunk's published weights); a registered model name (its weights,
+            e.g. a ``medfm pretrain export``); or a checkpoint path (any layout the weight transfer reads, e.g. a
+            pre-training or fine-tuning checkpoint). ``min_coverage``: least share of the trunk it must fill.
+        freeze: ``none``, ``trunk``, or ``trunk-until-NAME`` (the trunk's children up to and including NAME,
+            e.g. ``trunk-until-layer2``).
+        head: widths after the trunk, the last being the output (FMCIB writes the trunk's width first:
+            ``[4096, 2048, 8]``, accepted as is). Default: one linear layer.
+        class_weights: ``balanced`` (inverse class frequency of the training rows) or one weight per class.
+        lr_trunk, lr_head: separate learning rates; schedules (warm-up + cosine) step every optimiser step.
+        patience: early stopping on the validation metric (``monitor``, default by task); None: no early stop.
+        n_bootstrap: resamples of the test metrics' confidence intervals.
+    """
+
+    def __init__(
+        self,
+        task: str = "binary",
+        num_classes: int = 2,
+        trunk: str = "resnet3d",
+        trunk_args: dict | None = None,
+        in_channels: int = 1,
+        init: str = "random",
+        min_coverage: float = 0.5,
+        freeze: str = "none",
+        head: list[int] | None = None,
+        dropout: float = 0.0,
+        class_weights: str | list[float] | None = None,
+        optimizer: str = "adamw",
+        lr_trunk: float = 1e-4,
+        lr_head: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        final_lr_ratio: float = 0.0,
+        patience: int | None = 10,
+        monitor: str | None = None,
+        n_bootstrap: int = 1000,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}; allowed {TASKS}")
+        self.save_hyperparameters()
+        args = dict(trunk_args or {"depth": 10}) if trunk == "resnet3d" else dict(trunk_args or {})
+        self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **args)
+        self.init_report = self._initialise(init, min_coverage)
+        out_dim = num_classes if task == "multiclass" else 1
+        widths = list(head or [out_dim])
+        if len(widths) > 1 and widths[0] == self.feature_dim:
+            widths = widths[1:]
+        if widths[-1] != out_dim:
+            raise ValueError(f"head {head} must end in {out_dim} output(s) for task {task}")
+        self.head = mlp_head(self.feature_dim, widths, dropout)
+        self.frozen = self._freeze(freeze)
+        name, mode = MONITORS[task]
+        self.monitor = monitor or f"val/{name}"
+        self.mode = (
+            mode if monitor is None else ("min" if any(k in monitor for k in ("loss", "mae", "rmse")) else "max")
+        )
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {}
+        self.test_results: dict[str, dict[str, float]] = {}
+        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {"val": [], "test": []}
+        self._class_weights: torch.Tensor | None = None
+
+    def _initialise(self, init: str, min_coverage: float) -> object | None:
+        """Move weights into the trunk: published, a registered model's, or a checkpoint's (None for random)."""
+        if init in ("random", "", None):
+            return None
+        if init == "published" or init in list_models():
+            name = self.hparams.trunk if init == "published" else init
+            entry = get_entry(name)
+            if entry.weights is None:
+                raise ValueError(f"model {name} has no weights to start from")
+            source = hub.resolve(entry.weights, name)
+        else:
+            source = init
+        return transfer_weights(source, self.trunk, min_coverage=min_coverage)
+
+    def _freeze(self, freeze: str) -> list[str]:
+        """Freeze trunk blocks; returns the names of the frozen children."""
+        children = [name for name, _ in self.trunk.named_children()]
+        if freeze == "none":
+            frozen: list[str] = []
+        elif freeze == "trunk":
+            frozen = children
+        elif freeze.startswith("trunk-until-"):
+            last = freeze[len("trunk-until-") :]
+            if last not in children:
+                raise ValueError(f"freeze={freeze!r}: the trunk has no block {last!r}; blocks: {children}")
+            frozen = children[: children.index(last) + 1]
+        else:
+            raise ValueError(f"freeze={freeze!r}; allowed none, trunk, trunk-until-BLOCK")
+        for name in frozen:
+            for p in getattr(self.trunk, name).parameters():
+                p.requires_grad_(False)
+        return frozen
+
+    def on_train_epoch_start(self) -> None:
+        """Frozen blocks stay in eval mode: their batch-norm statistics do not drift."""
+        for name in self.frozen:
+            getattr(self.trunk, name).eval()
+
+    def setup(self, stage: str) -> None:
+        """Class weights from the training rows when ``class_weights='balanced'``."""
+        weights = self.hparams.class_weights
+        if weights == "balanced":
+            counts = torch.as_tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
+            self._class_weights = counts.sum() / (len(counts) * counts.clamp_min(1))
+        elif weights is not None:
+            self._class_weights = torch.as_tensor(weights, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Head outputs (logits, values or risks) of a batch."""
+        return self.head(self.trunk(x))
+
+    def predict_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (classification) or the raw output (regression value, survival risk)."""
+        return self.to_output(self(x))
+
+    def to_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Head outputs → class probabilities (classification) or as they are (regression value, survival risk)."""
+        out = out.float()
+        if self.hparams.task == "binary":
+            p = torch.sigmoid(out[:, 0])
+            return torch.stack([1 - p, p], dim=1)
+        if self.hparams.task == "multiclass":
+            return out.softmax(dim=1)
+        return out
+
+    def loss(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's loss on one batch (survival: over the batch of every rank)."""
+        task = self.hparams.task
+        weights = None if self._class_weights is None else self._class_weights.to(out.device)
+        if task == "binary":
+            y = batch["label"].float()
+            pos_weight = None if weights is None else weights[1] / weights[0]
+            return F.binary_cross_entropy_with_logits(out[:, 0].float(), y, pos_weight=pos_weight)
+        if task == "multiclass":
+            return F.cross_entropy(out.float(), batch["label"], weight=weights)
+        if task == "regression":
+            return F.mse_loss(out[:, 0].float(), batch["target"][:, 0])
+        target = batch["target"]
+        return cox_loss(gather(out[:, 0].float()), gather(target[:, 0]), gather(target[:, 1]))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimiser step's loss."""
+        loss = self.loss(self(batch["views"][:, 0]), batch)
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(batch["views"]),
+        )
+        return loss
+
+    def _collect(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        out = self(batch["views"][:, 0])
+        target = batch["target"] if "target" in batch else batch["label"][:, None].float()
+        self._outputs[stage].append(
+            {
+                "loss": self.loss(out, batch).detach()[None],
+                "output": self.to_output(out).detach(),
+                "target": target.detach().float(),
+                "index": batch["index"].detach(),
+            }
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Collect outputs of the validation rows."""
+        self._collect(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Collect outputs of the test rows."""
+        self._collect(batch, "test")
+
+    def _gathered(self, stage: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """Outputs and targets of a stage over every rank, each row once (ranks pad to equal shares)."""
+        parts = self._outputs[stage]
+        self._outputs[stage] = []
+        output = torch.cat([p["output"] for p in parts])
+        target = torch.cat([p["target"] for p in parts])
+        index = torch.cat([p["index"] for p in parts])
+        loss = torch.cat([p["loss"] for p in parts]).mean()
+        if world()[1] > 1:
+            output, target, index = (gather(t.contiguous()) for t in (output, target, index))
+            loss = gather(loss[None]).mean()
+        _, first = np.unique(index.cpu().numpy(), return_index=True)
+        return output.cpu().numpy()[first], target.cpu().numpy()[first], float(loss)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation loss and metrics; keep them in ``history`` for the curves."""
+        if not self._outputs["val"]:
+            return
+        output, target, loss = self._gathered("val")
+        metrics = {"loss": loss, **task_metrics(self.hparams.task, output, target)}
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name in ("loss", self.monitor.split("/")[-1]))
+        if not self.trainer.sanity_checking:
+            self.history.append({"epoch": self.current_epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+
+    def on_train_epoch_end(self) -> None:
+        """Add the epoch's training loss to its row of ``history`` (validation ran just before)."""
+        train_loss = self.trainer.callback_metrics.get("train/loss_epoch")
+        if self.history and self.history[-1]["epoch"] == self.current_epoch and train_loss is not None:
+            self.history[-1]["train/loss"] = float(train_loss)
+
+    def on_test_epoch_end(self) -> None:
+        """Test metrics with percentile bootstrap confidence intervals over rows."""
+        output, target, _ = self._gathered("test")
+        task = self.hparams.task
+        results = {}
+        for name, value in task_metrics(task, output, target).items():
+            with warnings.catch_warnings():  # resamples with one class: sklearn warns, the value is left out
+                warnings.simplefilter("ignore")
+                values = bootstrap_values(
+                    lambda idx, name=name: task_metrics(task, output, target, idx).get(name, float("nan")),
+                    len(target),
+                    n_resamples=self.hparams.n_bootstrap,
+                    seed=0,
+                )
+            results[name] = percentile_interval(value, values).to_dict()
+            self.log(f"test/{name}", value)
+        results["n"] = {"value": float(len(target))}
+        self.test_results = results
+
+    def configure_optimizers(self) -> dict:
+        """Separate learning rates for trunk and head; warm-up + cosine stepped every optimiser step."""
+        hp = self.hparams
+        groups = [
+            {"params": [p for p in self.trunk.parameters() if p.requires_grad], "lr": hp.lr_trunk},
+            {"params": list(self.head.parameters()), "lr": hp.lr_head},
+        ]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["weight_decay"] = hp.weight_decay
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr_head, hp.weight_decay, hp.momentum)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = min(total, int(round(hp.warmup_epochs * per_epoch)))
+        schedule = warmup_cosine(optimizer, total, warmup, hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Best-weight restoring, and early stopping when ``patience`` is set."""
+        callbacks: list[Callback] = [BestWeights(self.monitor, self.mode)]
+        if self.hparams.patience:
+            callbacks.append(
+                EarlyStopping(self.monitor, patience=self.hparams.patience, mode=self.mode, check_finite=False)
+            )
+        return callbacks

@@ -1,0 +1,193 @@
+"""What a fine-tuning run leaves behind, and how a fine-tuned model is run again.
+
+In the run folder: ``results.json`` (test metrics with CIs, best epoch, sizes, initialisation), ``curves.csv`` and
+``curves.png`` (per-epoch validation curves), ``model.safetensors`` (trunk + head) with its card ``model.json``
+(task, classes, architecture, profile with its full definition, the evaluation view, metrics, SHA-256).
+:func:`predict_manifest` runs a card on a manifest with the model's own preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from medfm.data.augment import build_view
+from medfm.data.datasets import iter_volume_items
+from medfm.data.manifest import read_manifest
+from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.profiles import Profile, Profile2D, get_profile, list_profiles, register_profile
+from medfm.errors import ModelError
+from medfm.finetune.data import FinetuneData
+from medfm.finetune.module import FinetuneModule, mlp_head
+from medfm.models import hub
+from medfm.models.registry import build_trunk
+
+CARD_KIND = "medfm-finetuned"
+
+
+def write_curves(history: list[dict[str, float]], folder: Path) -> tuple[Path, Path] | None:
+    """``curves.csv`` and ``curves.png``: validation metrics (and losses) per epoch."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame(history)
+    csv = write_table(table, folder / "curves.csv")
+    metrics = [c for c in table.columns if c.startswith("val/") and c != "val/loss"]
+    losses = [c for c in ("train/loss", "val/loss") if c in table.columns]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for column in metrics:
+        axes[0].plot(table["epoch"], table[column], marker="o", label=column)
+    for column in losses:
+        axes[1].plot(table["epoch"], table[column], marker="o", label=column)
+    for ax, title in zip(axes, ("validation metrics", "losses")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png = folder / "curves.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return csv, png
+
+
+def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | os.PathLike[str]) -> Path:
+    """results.json, curves, model.safetensors and model.json of a finished run; returns the card's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hp = module.hparams
+    store = data.store
+    sizes = {s: int(np.sum(store.splits == s)) for s in ("train", "val", "test", "unused")}
+    report = module.init_report
+    results = {
+        "task": hp.task,
+        "classes": data.classes,
+        "init": hp.init,
+        "init_coverage": getattr(report, "coverage", None),
+        "freeze": hp.freeze,
+        "train_fraction": data.hparams.train_fraction,
+        "fraction_seed": data.hparams.fraction_seed,
+        "sizes": sizes,
+        "best": module.best,
+        "test": module.test_results,
+    }
+    write_json(results, folder / "results.json")
+    write_curves(module.history, folder)
+    weights = folder / "model.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    profile = get_profile(data.hparams.profile) if data.hparams.manifest else None
+    trunk_args = dict(hp.trunk_args or ({"depth": 10} if hp.trunk == "resnet3d" else {}))
+    card = {
+        "kind": CARD_KIND,
+        "task": hp.task,
+        "classes": data.classes,
+        "trunk": {"name": hp.trunk, "args": trunk_args, "in_channels": hp.in_channels},
+        "feature_dim": module.feature_dim,
+        "head": [m.out_features for m in module.head if isinstance(m, torch.nn.Linear)],
+        "profile": None if profile is None else profile.name,
+        "profile_spec": None if profile is None else profile.to_dict(),
+        "margin": store.margin,
+        "coords": data.hparams.coords,
+        "eval_view": data.hparams.eval_view or None,
+        "view_size": list(data.view_size),
+        "weights": weights.name,
+        "sha256": hub.sha256_of(weights),
+        "metrics": module.test_results,
+        "best": module.best,
+    }
+    return write_json(card, folder / "model.json")
+
+
+def _card_profile(card: dict) -> Profile | Profile2D:
+    """The card's profile, registered from its own copy when this process does not know it."""
+    if card.get("profile") is None:
+        raise ModelError("the model was trained on a prebuilt store: it has no profile to cut new images with")
+    if card["profile"] not in list_profiles():
+        spec = dict(card["profile_spec"])
+        kind = Profile2D if "resize" in spec else Profile
+        register_profile(kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
+    return get_profile(card["profile"])
+
+
+def load_finetuned(card_path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:
+    """The fine-tuned network (trunk + head, eval mode) of a card, with the card."""
+    card_path = Path(card_path)
+    card = json.loads(card_path.read_text())
+    if card.get("kind") != CARD_KIND:
+        raise ModelError(f"{card_path}: not a fine-tuned model card (kind {card.get('kind')!r})")
+    weights = card_path.parent / card["weights"]
+    if card.get("sha256") and hub.sha256_of(weights) != card["sha256"]:
+        raise ModelError(f"{weights}: SHA-256 differs from the card's; the file was changed or replaced")
+    trunk, feature_dim = build_trunk(card["trunk"]["name"], card["trunk"]["in_channels"], **card["trunk"]["args"])
+    model = torch.nn.Sequential()
+    model.add_module("trunk", trunk)
+    model.add_module("head", mlp_head(feature_dim, list(card["head"])))
+    state = load_file(str(weights))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), card
+
+
+@torch.no_grad()
+def predict_manifest(
+    card_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    coords: str | None = None,
+    on_error: str = "raise",
+    batch_size: int = 16,
+) -> Path:
+    """Run a fine-tuned model on a manifest with its own preprocessing; the manifest's columns plus predictions.
+
+    Classification adds ``prob_<class>`` columns and ``predicted``; regression ``prediction``; survival ``risk``.
+    """
+    model, card = load_finetuned(card_path)
+    profile = _card_profile(card)
+    is_2d = isinstance(profile, Profile2D)
+    manifest = read_manifest(manifest_path, coords=coords or card.get("coords") or "lps", seeds=not is_2d)
+    margin = int(card.get("margin", 0))
+    cut = replace(profile, size=tuple(s + 2 * margin for s in profile.size))
+    view_size = tuple(card["view_size"])
+    spec = card.get("eval_view") or [{"op": "center_crop", "size": list(view_size)}]
+    view = build_view(spec, 2 if is_2d else 3)
+    rows: list[int] = []
+    outputs: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    for item in iter_volume_items(manifest, cut, on_error=on_error):
+        errors.update(item.errors)
+        for start in range(0, len(item.patches), batch_size):
+            x = np.stack([view(p, 0) for p in item.patches[start : start + batch_size]])
+            out_batch = model(torch.from_numpy(x)).float()
+            if card["task"] == "binary":
+                p = torch.sigmoid(out_batch[:, 0])
+                out_batch = torch.stack([1 - p, p], dim=1)
+            elif card["task"] == "multiclass":
+                out_batch = out_batch.softmax(dim=1)
+            outputs.append(out_batch.numpy())
+            rows.extend(item.rows[start : start + batch_size])
+    values = np.concatenate(outputs) if outputs else np.zeros((0, 1))
+    table = manifest.table.iloc[rows].copy()
+    if card["task"] in ("binary", "multiclass"):
+        classes = card["classes"] or [str(i) for i in range(values.shape[1])]
+        for k, name in enumerate(classes):
+            table[f"prob_{name}"] = values[:, k]
+        table["predicted"] = [classes[k] for k in values.argmax(axis=1)] if len(values) else []
+    else:
+        table["prediction" if card["task"] == "regression" else "risk"] = values[:, 0]
+    order = np.argsort(rows, kind="stable")
+    path = write_table(table.iloc[order], out)
+    write_errors(manifest.table, errors, out)
+    return path
