@@ -222,7 +222,8 @@ class FinetuneData(pl.LightningDataModule):
             labels = self.store.labels[dataset.indices]
             weights = 1.0 / np.bincount(labels)[labels]
         sampler = EpochSampler(len(dataset), shuffle=True, seed=hp.seed, drop_last=False, weights=weights)
-        return self._loader(dataset, sampler)
+        # a last batch of one sample would break batch norm in training: dropped (the rows return next epoch)
+        return self._loader(dataset, sampler, drop_last=len(dataset) > self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """Centre views of the validation rows."""
@@ -232,9 +233,14 @@ class FinetuneData(pl.LightningDataModule):
         """Centre views of the test rows."""
         return self._loader(self.dataset("test"), EpochSampler(0, shuffle=False, drop_last=False))
 
-    def _loader(self, dataset: StoreViews, sampler: EpochSampler) -> DataLoader:
+    def _loader(self, dataset: StoreViews, sampler: EpochSampler, drop_last: bool = False) -> DataLoader:
         sampler.size = len(dataset)
         workers = self.hparams.num_workers
         return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers, persistent_workers=workers > 0
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         )

@@ -30,8 +30,9 @@ class FinetuneCLI(MedfmCLI):
         if trainer.interrupted:
             return
         trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        # Every rank asks: under DDP, Trainer.log_dir broadcasts rank 0's folder (a collective call).
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             card = write_run_outputs(self.model, self.datamodule, folder)
             test = {k: round(v["value"], 4) for k, v in self.model.test_results.items() if k != "n"}
             print(f"test {test}; best {self.model.best}; model card {card}")

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch import nn
 
-from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval, score
+from medfm.errors import ModelError
+from medfm.evaluate.metrics import concordance_index, percentile_interval, score
 from medfm.finetune.losses import cox_loss
 from medfm.models import hub
 from medfm.models.registry import build_trunk, get_entry, list_models
@@ -187,6 +188,11 @@ class FinetuneModule(pl.LightningModule):
         """Move weights into the trunk: published, a registered model's, or a checkpoint's (None for random)."""
         if init in ("random", "", None):
             return None
+        if init == "published" and self.hparams.trunk not in list_models():
+            raise ModelError(
+                f"init=published: trunk {self.hparams.trunk!r} is an architecture, not a registered model with "
+                "published weights; name a registered trunk (e.g. fmcib-resnet50), a registered model or a checkpoint"
+            )
         if init == "published" or init in list_models():
             name = self.hparams.trunk if init == "published" else init
             entry = get_entry(name)
@@ -332,17 +338,20 @@ class FinetuneModule(pl.LightningModule):
         """Test metrics with percentile bootstrap confidence intervals over rows."""
         output, target, _ = self._gathered("test")
         task = self.hparams.task
+        point = task_metrics(task, output, target)
+        samples: dict[str, list[float]] = {name: [] for name in point}
+        rng = np.random.default_rng(0)
+        with warnings.catch_warnings():  # resamples with one class: sklearn warns, those values are left out
+            warnings.simplefilter("ignore")
+            for _ in range(self.hparams.n_bootstrap):
+                resampled = task_metrics(task, output, target, rng.integers(0, len(target), len(target)))
+                for name in point:
+                    value = resampled.get(name, float("nan"))
+                    if np.isfinite(value):
+                        samples[name].append(value)
         results = {}
-        for name, value in task_metrics(task, output, target).items():
-            with warnings.catch_warnings():  # resamples with one class: sklearn warns, the value is left out
-                warnings.simplefilter("ignore")
-                values = bootstrap_values(
-                    lambda idx, name=name: task_metrics(task, output, target, idx).get(name, float("nan")),
-                    len(target),
-                    n_resamples=self.hparams.n_bootstrap,
-                    seed=0,
-                )
-            results[name] = percentile_interval(value, values).to_dict()
+        for name, value in point.items():
+            results[name] = percentile_interval(value, np.asarray(samples[name])).to_dict()
             self.log(f"test/{name}", value)
         results["n"] = {"value": float(len(target))}
         self.test_results = results
