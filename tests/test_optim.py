@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medfm.pretrain.optim import LARS, build_optimizer, param_groups, scaled_lr, warmup_cosine
+from medfm.train.optim import LARS, build_optimizer, param_groups, scaled_lr, warmup_cosine
 
 
 def _linear(weight: list[float], bias: float) -> torch.nn.Linear:
