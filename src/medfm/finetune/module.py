@@ -56,7 +56,7 @@ def task_metrics(task: str, output: np.ndarray, target: np.ndarray, idx: np.ndar
     if idx is not None:
         output, target = output[idx], target[idx]
     if task in ("binary", "multiclass"):
-        y = target.astype(int)
+        y = target.reshape(len(target), -1)[:, 0].astype(int)
         classes = np.arange(output.shape[1])
         if len(np.unique(y)) < 2:
             return {"balanced_accuracy": score("balanced_accuracy", y, output, classes)}
