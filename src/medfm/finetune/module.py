@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping
+from sklearn.metrics import classification_report
 from torch import nn
 
 from medfm.errors import ModelError
@@ -181,6 +182,7 @@ class FinetuneModule(pl.LightningModule):
         self.history: list[dict[str, float]] = []
         self.best: dict[str, float] = {}
         self.test_results: dict[str, dict[str, float]] = {}
+        self.test_report: dict[str, object] = {}
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {"val": [], "test": []}
         self._class_weights: torch.Tensor | None = None
 
@@ -355,6 +357,12 @@ class FinetuneModule(pl.LightningModule):
             self.log(f"test/{name}", value)
         results["n"] = {"value": float(len(target))}
         self.test_results = results
+        if task in ("binary", "multiclass"):  # precision, recall, F1 and support per class
+            y = target.reshape(len(target), -1)[:, 0].astype(int)
+            labels = list(range(output.shape[1]))
+            self.test_report = classification_report(
+                y, output.argmax(axis=1), labels=labels, output_dict=True, zero_division=0
+            )
 
     def configure_optimizers(self) -> dict:
         """Separate learning rates for trunk and head; warm-up + cosine stepped every optimiser step."""

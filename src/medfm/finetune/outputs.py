@@ -63,6 +63,13 @@ def write_curves(history: list[dict[str, float]], folder: Path) -> tuple[Path, P
     return csv, png
 
 
+def _named_report(report: dict, classes: list[str] | None) -> dict:
+    """scikit-learn's classification report with class indices replaced by class names."""
+    if not report or not classes:
+        return report
+    return {(classes[int(k)] if k.isdigit() and int(k) < len(classes) else k): v for k, v in report.items()}
+
+
 def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | os.PathLike[str]) -> Path:
     """results.json, curves, model.safetensors and model.json of a finished run; returns the card's path."""
     folder = Path(folder)
@@ -82,6 +89,7 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
         "sizes": sizes,
         "best": module.best,
         "test": module.test_results,
+        "per_class": _named_report(module.test_report, data.classes),
     }
     write_json(results, folder / "results.json")
     write_curves(module.history, folder)
