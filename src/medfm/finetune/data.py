@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
@@ -23,6 +22,7 @@ from medfm.data.store import PatchStore, build_store, open_store
 from medfm.data.training import EpochSampler, StoreViews, encode_labels
 from medfm.errors import ManifestError
 from medfm.models.hub import medfm_home
+from medfm.train.data import StoreDataModule
 
 TASKS = ("binary", "multiclass", "regression", "survival")
 
@@ -62,7 +62,7 @@ def assign_splits(
     return out.astype(str)
 
 
-class FinetuneData(pl.LightningDataModule):
+class FinetuneData(StoreDataModule):
     """Labelled manifest → patch store → train (augmented) / val / test (centre) views.
 
     Args:
@@ -180,21 +180,6 @@ class FinetuneData(pl.LightningDataModule):
         out[np.setdiff1d(train, kept)] = "unused"
         return out.astype(str)
 
-    def prepare_data(self) -> None:
-        """Build the patch store once (rank 0 of each node)."""
-        self._build(progress=True)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Open the store and its splits in this process."""
-        if self.store is None:
-            self.store = self._build(progress=False)
-
-    @property
-    def view_size(self) -> tuple[int, ...]:
-        """The size of the views the network sees: the stored patch without its margin."""
-        assert self.store is not None
-        return tuple(s - 2 * self.store.margin for s in self.store.size)
-
     def dataset(self, split: str, train: bool = False) -> StoreViews:
         """Views of one split: augmented for training, the centre view otherwise."""
         assert self.store is not None
@@ -232,15 +217,3 @@ class FinetuneData(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Centre views of the test rows."""
         return self._loader(self.dataset("test"), EpochSampler(0, shuffle=False, drop_last=False))
-
-    def _loader(self, dataset: StoreViews, sampler: EpochSampler, drop_last: bool = False) -> DataLoader:
-        sampler.size = len(dataset)
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )

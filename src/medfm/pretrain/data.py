@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader
 
@@ -19,9 +18,10 @@ from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.store import PatchStore, build_store, open_store
 from medfm.data.training import EpochSampler, StoreViews, encode_labels
 from medfm.models.hub import medfm_home
+from medfm.train.data import StoreDataModule
 
 
-class PretrainData(pl.LightningDataModule):
+class PretrainData(StoreDataModule):
     """Manifest → patch store → seeded views, sharded over ranks by :class:`EpochSampler`.
 
     Args:
@@ -88,21 +88,6 @@ class PretrainData(pl.LightningDataModule):
             store.splits = table[hp.split_column].astype(str).to_numpy()
         return store
 
-    def prepare_data(self) -> None:
-        """Build the patch store once (rank 0 of each node)."""
-        self._build(progress=True)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Open the store in this process."""
-        if self.store is None:
-            self.store = self._build(progress=False)
-
-    @property
-    def view_size(self) -> tuple[int, ...]:
-        """The size of the views the network sees: the stored patch without its margin."""
-        assert self.store is not None
-        return tuple(s - 2 * self.store.margin for s in self.store.size)
-
     def _dataset(self, split: str, spec: list[dict], views: int, mined: bool) -> StoreViews:
         assert self.store is not None
         hp = self.hparams
@@ -128,14 +113,3 @@ class PretrainData(pl.LightningDataModule):
         if len(dataset) == 0:
             return []
         return self._loader(dataset, EpochSampler(len(dataset), shuffle=False, seed=hp.seed, drop_last=False), False)
-
-    def _loader(self, dataset: StoreViews, sampler: EpochSampler, drop_last: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
