@@ -47,6 +47,8 @@ def run_cli(args: list[str] | None = None) -> MedfmCLI:
         prog="medfm finetune",
         default_root="outputs/finetune",
         cli_class=FinetuneCLI,
+        description="Fine-tune a trunk with a head: `fit --config task.yaml` (configs/finetune/). Fractions × seeds: "
+        "`medfm finetune sweep --config task.yaml --out DIR --fractions 1 0.1 --repeats 3`.",
     )
 
 

@@ -14,4 +14,12 @@ from medfm.train.cli import MedfmCLI, launch
 
 def run_cli(args: list[str] | None = None) -> MedfmCLI:
     """Run ``medfm pretrain`` with LightningCLI on ``args`` (e.g. ``["fit", "--config", "run.yaml"]``)."""
-    return launch(PretrainModule, PretrainData, args, prog="medfm pretrain", default_root="outputs/pretrain")
+    return launch(
+        PretrainModule,
+        PretrainData,
+        args,
+        prog="medfm pretrain",
+        default_root="outputs/pretrain",
+        description="Pre-train a trunk: `fit --config run.yaml` (configs/pretrain/). "
+        "Register the result with `medfm pretrain export CKPT --name NAME`.",
+    )

@@ -79,6 +79,7 @@ def launch(
     default_root: str,
     callbacks: list[Callback] | None = None,
     cli_class: type[MedfmCLI] = MedfmCLI,
+    description: str = "",
 ) -> MedfmCLI:
     """Run LightningCLI (``cli_class``) for ``module`` + ``data`` on ``args`` with medfm's defaults."""
     # sys.argv stays as it is ("medfm pretrain ..."): DDP relaunches the same command line in each process.
@@ -98,5 +99,5 @@ def launch(
                 *(callbacks or []),
             ],
         },
-        parser_kwargs={"prog": prog},
+        parser_kwargs={"prog": prog, "description": description or None},
     )
