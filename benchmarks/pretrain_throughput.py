@@ -213,6 +213,11 @@ def main() -> None:
         mining = time.perf_counter() - start
         cached = StoreViews(store, view, mined=True)
         ways = {"uncached": uncached, "cached": cached}
+        whole = build_view([{"op": "center_crop", "size": [s + 2 * MARGIN for s in profile.size]}], 3)  # identity
+        raw = {
+            "uncached": UncachedViews(manifest, profile, MARGIN, NEGATIVES, whole),
+            "cached": StoreViews(store, whole, mined=True),
+        }
         first = {name: ds[(0, 0)] for name, ds in ways.items()}  # also builds the view's transforms
         diff = float((first["uncached"]["views"] - first["cached"]["views"]).abs().max())
 
@@ -228,9 +233,12 @@ def main() -> None:
 
         workers = [0] + ([args.workers] if args.workers > 0 else [])
         data = {(w, name): [] for w in workers for name in ways}
+        patches = {(0, name): [] for name in raw}
         train = {(w, name): [] for w in workers for name in ways}
         alone = []
         for r in range(args.repeats):
+            for name, ds in raw.items():
+                patches[0, name].append(data_seconds(ds, args.samples, args.batch, 0, r))
             for w in workers:
                 for name, ds in ways.items():
                     data[w, name].append(data_seconds(ds, args.samples, args.batch, w, r))
@@ -250,10 +258,11 @@ def main() -> None:
         )
         print(f"  {'':26}{'uncached':>10}{'cached':>10}{'ratio':>9}")
         for label, table, count in (
+            ("patches only (no views)", patches, args.samples),
             ("data only", data, args.samples),
             ("train step", train, args.steps * args.batch),
         ):
-            for w in workers:
+            for w in sorted({w for w, _ in table}):
                 rate = {name: count / statistics.median(table[w, name]) for name in ways}
                 row = f"{label}, {w} workers"
                 print(
