@@ -683,3 +683,10 @@ def test_sweep_tables_fractions_and_reuses_finished_runs(tmp_path, manifest, cac
     assert {p: p.stat().st_mtime_ns for p in results} == stamps  # no refit
     assert not list(out.rglob("version_1"))
     assert pd.read_csv(out / "sweep.csv").equals(table)
+
+
+def test_model_and_data_tasks_must_agree():
+    module = FinetuneModule(task="binary", trunk_args=SMALL)
+    module.trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams=SimpleNamespace(task="regression")))
+    with pytest.raises(ValueError, match="model.task is 'binary' but data.task is 'regression'"):
+        module.setup("fit")

@@ -230,7 +230,11 @@ class FinetuneModule(pl.LightningModule):
             getattr(self.trunk, name).eval()
 
     def setup(self, stage: str) -> None:
-        """Class weights from the training rows when ``class_weights='balanced'``."""
+        """Check the data's task is the model's; class weights from the training rows when ``balanced``."""
+        data = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        data_task = getattr(getattr(data, "hparams", None), "task", self.hparams.task)
+        if data_task != self.hparams.task:
+            raise ValueError(f"model.task is {self.hparams.task!r} but data.task is {data_task!r}: set both the same")
         weights = self.hparams.class_weights
         if weights == "balanced":
             counts = torch.as_tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)
