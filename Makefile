@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/probe_real.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/ssl_real.py
+	$(BIN)/python benchmarks/finetune_real.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
