@@ -690,3 +690,34 @@ def test_model_and_data_tasks_must_agree():
     module.trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams=SimpleNamespace(task="regression")))
     with pytest.raises(ValueError, match="model.task is 'binary' but data.task is 'regression'"):
         module.setup("fit")
+
+
+def test_test_bootstrap_resamples_whole_patients(monkeypatch):
+    module = FinetuneModule(task="binary", trunk_args=SMALL, n_bootstrap=200)
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    rng = np.random.default_rng(0)
+    p = rng.random(12)
+    y = (p + rng.normal(0, 0.3, 12) > 0.5).astype(float)
+    outputs = [
+        {
+            "loss": torch.zeros(1),
+            "output": torch.from_numpy(np.stack([1 - p, p], 1)).float(),
+            "target": torch.from_numpy(y[:, None]).float(),
+            "index": torch.arange(12),
+        }
+    ]
+
+    def run(codes):
+        module._trainer = None if codes is None else SimpleNamespace(datamodule=SimpleNamespace(group_codes=codes))
+        module._outputs["test"] = list(outputs)
+        module.on_test_epoch_end()
+        module._trainer = None
+        return module.test_results
+
+    rows = run(None)
+    patients = run(np.repeat(np.arange(4), 3))  # 4 patients of 3 rows
+    assert rows["n"]["patients"] is None and patients["n"]["patients"] == 4
+    assert rows["auroc"]["value"] == patients["auroc"]["value"]  # same point estimate
+    # resampling 4 patients draws one class alone more often than 12 rows: fewer usable resamples
+    assert patients["auroc"]["n_resamples"] < rows["auroc"]["n_resamples"]
+    assert (patients["auroc"]["low"], patients["auroc"]["high"]) != (rows["auroc"]["low"], rows["auroc"]["high"])

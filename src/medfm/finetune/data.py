@@ -115,6 +115,7 @@ class FinetuneData(StoreDataModule):
         self.store: PatchStore | None = None
         self.classes: list[str] | None = None
         self.targets: np.ndarray | None = None
+        self.group_codes: np.ndarray | None = None
 
     def _build(self, progress: bool) -> PatchStore:
         hp = self.hparams
@@ -136,6 +137,8 @@ class FinetuneData(StoreDataModule):
         groups = table[hp.group_column].astype(str).to_numpy() if hp.group_column else None
         splits = assign_splits(table, strata, hp.split_column, groups, hp.split_seed)
         store.splits = self._fraction(splits, strata, groups)
+        if groups is not None:  # per store entry: the test bootstrap resamples whole patients
+            self.group_codes = np.unique(groups, return_inverse=True)[1]
         return store
 
     def _targets(self, table: pd.DataFrame, store: PatchStore) -> np.ndarray:

@@ -22,7 +22,7 @@ from sklearn.metrics import classification_report
 from torch import nn
 
 from medfm.errors import ModelError
-from medfm.evaluate.metrics import concordance_index, percentile_interval, score
+from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval, score
 from medfm.finetune.losses import cox_loss
 from medfm.models import hub
 from medfm.models.registry import build_trunk, get_entry, list_models
@@ -309,7 +309,7 @@ class FinetuneModule(pl.LightningModule):
         """Collect outputs of the test rows."""
         self._collect(batch, "test")
 
-    def _gathered(self, stage: str) -> tuple[np.ndarray, np.ndarray, float]:
+    def _gathered(self, stage: str) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
         """Outputs and targets of a stage over every rank, each row once (ranks pad to equal shares)."""
         parts = self._outputs[stage]
         self._outputs[stage] = []
@@ -320,14 +320,14 @@ class FinetuneModule(pl.LightningModule):
         if world()[1] > 1:
             output, target, index = (gather(t.contiguous()) for t in (output, target, index))
             loss = gather(loss[None]).mean()
-        _, first = np.unique(index.cpu().numpy(), return_index=True)
-        return output.cpu().numpy()[first], target.cpu().numpy()[first], float(loss)
+        entries, first = np.unique(index.cpu().numpy(), return_index=True)
+        return output.cpu().numpy()[first], target.cpu().numpy()[first], float(loss), entries
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation loss and metrics; keep them in ``history`` for the curves."""
         if not self._outputs["val"]:
             return
-        output, target, loss = self._gathered("val")
+        output, target, loss, _ = self._gathered("val")
         metrics = {"loss": loss, **task_metrics(self.hparams.task, output, target)}
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name in ("loss", self.monitor.split("/")[-1]))
@@ -341,25 +341,28 @@ class FinetuneModule(pl.LightningModule):
             self.history[-1]["train/loss"] = float(train_loss)
 
     def on_test_epoch_end(self) -> None:
-        """Test metrics with percentile bootstrap confidence intervals over rows."""
-        output, target, _ = self._gathered("test")
+        """Test metrics with percentile bootstrap CIs; whole patients are resampled when the data has groups."""
+        output, target, _, entries = self._gathered("test")
         task = self.hparams.task
         point = task_metrics(task, output, target)
+        codes = getattr(getattr(getattr(self, "_trainer", None), "datamodule", None), "group_codes", None)
+        groups = None if codes is None else np.asarray(codes)[entries]
         samples: dict[str, list[float]] = {name: [] for name in point}
-        rng = np.random.default_rng(0)
+
+        def resample(idx: np.ndarray) -> float:
+            for name, value in task_metrics(task, output, target, idx).items():
+                if name in samples and np.isfinite(value):
+                    samples[name].append(value)
+            return 0.0
+
         with warnings.catch_warnings():  # resamples with one class: sklearn warns, those values are left out
             warnings.simplefilter("ignore")
-            for _ in range(self.hparams.n_bootstrap):
-                resampled = task_metrics(task, output, target, rng.integers(0, len(target), len(target)))
-                for name in point:
-                    value = resampled.get(name, float("nan"))
-                    if np.isfinite(value):
-                        samples[name].append(value)
+            bootstrap_values(resample, len(target), groups, self.hparams.n_bootstrap, seed=0)
         results = {}
         for name, value in point.items():
             results[name] = percentile_interval(value, np.asarray(samples[name])).to_dict()
             self.log(f"test/{name}", value)
-        results["n"] = {"value": float(len(target))}
+        results["n"] = {"value": float(len(target)), "patients": None if groups is None else len(set(groups))}
         self.test_results = results
         if task in ("binary", "multiclass"):  # precision, recall, F1 and support per class
             y = target.reshape(len(target), -1)[:, 0].astype(int)
