@@ -114,3 +114,22 @@ def test_demo_without_published_weights(tmp_path, monkeypatch, capsys):
     assert "published weights for resnet10-3d are not in the cache" in stdout
     assert "random-initialised trunk" in stdout
     assert (out / "patches" / "patches.npy").is_file()
+
+
+def test_extract_grey_images_with_a_one_channel_variant(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((40, 48)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    pd.DataFrame({"image_path": ["0.png", "1.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "f.parquet"
+    args = ["extract", str(tmp_path / "m.csv"), "--model", "resnet18", "--random-init", "--out", str(out), "--quiet"]
+    assert main([*args, "--profile", "gray-224", "--in-channels", "1"]) == 0
+    table = pd.read_parquet(out)
+    assert sum(c.startswith("feat_") for c in table.columns) == 512 and len(table) == 2
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["profile"]["name"] == "gray-224" and sidecar["profile"]["channels"] == 1
+    assert main([*args, "--profile", "fmcib"]) == 2  # a 3D profile for a 2D model
+    assert "does not fit the 2D model resnet18" in capsys.readouterr().err

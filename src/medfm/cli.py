@@ -40,7 +40,11 @@ def _extract(args: argparse.Namespace) -> None:
     from medfm.evaluate.extract import extract_features
     from medfm.models.registry import get_entry
 
-    seeds = not isinstance(get_profile(get_entry(args.model).profile), Profile2D)
+    entry = get_entry(args.model)
+    profile = get_profile(args.profile or entry.profile)
+    if isinstance(profile, Profile2D) != (entry.dims == 2):
+        raise MedfmError(f"profile {profile.name} does not fit the {entry.dims}D model {entry.name}")
+    seeds = not isinstance(profile, Profile2D)
     manifest = read_manifest(args.manifest, coords=args.coords, seeds=seeds)
     result = extract_features(
         manifest,
@@ -58,6 +62,8 @@ def _extract(args: argparse.Namespace) -> None:
         min_coverage=args.min_coverage,
         seed=args.seed,
         progress=not args.quiet,
+        profile=args.profile,
+        in_channels=args.in_channels,
     )
     print(f"wrote features of {result.n_rows} rows to {result.features} (provenance: {result.sidecar})")
     if result.errors_file:
@@ -340,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--column-prefix", default="feat_", help="feature column prefix (FMCIB's own: pred_)")
+    p.add_argument("--profile", help="preprocess with this profile instead of the model's (e.g. gray-224)")
+    p.add_argument(
+        "--in-channels", type=int, help="input channels of the first conv (1 for grey profiles; weights are summed in)"
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run without redoing rows")
     p.add_argument("--min-coverage", type=float, default=0.95, help="least share of the model the weights must cover")
     p.set_defaults(func=_extract)

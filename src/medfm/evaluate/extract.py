@@ -22,7 +22,7 @@ import medfm
 from medfm.data.datasets import auto_workers, iter_volume_items, stack_patches
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import atomic_path, sidecar_path, stem_of, write_errors, write_feature_table, write_json
-from medfm.data.profiles import get_profile
+from medfm.data.profiles import Profile, Profile2D, get_profile
 from medfm.errors import MedfmError
 from medfm.models.registry import PUBLISHED, LoadedModel, load_model
 from medfm.progress import progress_bar
@@ -77,14 +77,16 @@ def _partial_dir(out: Path) -> Path:
     return stem.with_name(stem.name + ".partial")
 
 
-def _state(manifest: Manifest, loaded: LoadedModel, column_prefix: str) -> dict[str, object]:
+def _state(
+    manifest: Manifest, loaded: LoadedModel, column_prefix: str, profile: Profile | Profile2D
+) -> dict[str, object]:
     return {
         "manifest": str(Path(manifest.source).resolve()),
         "n_rows": len(manifest),
         "model": loaded.entry.name,
         "weights_sha256": loaded.weights_sha256,
         "random_init_seed": loaded.seed if loaded.weights_path is None else None,
-        "profile": get_profile(loaded.entry.profile).to_dict(),
+        "profile": profile.to_dict(),
         "column_prefix": column_prefix,
     }
 
@@ -132,11 +134,15 @@ def extract_features(
     seed: int = 0,
     flush_every: int = 64,
     progress: bool = True,
+    profile: str | None = None,
+    in_channels: int | None = None,
 ) -> ExtractResult:
     """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``.
 
     ``model`` is a registry name, or a :class:`LoadedModel` already built (then ``weights`` is ignored).
     ``num_workers=None`` chooses: reading in the main process on CPU, reader processes ahead of a GPU.
+    ``profile`` replaces the model's own preprocessing profile (e.g. ``gray-224`` for grey images) and
+    ``in_channels`` its first convolution (e.g. 1, with the weights' channels summed in).
     """
     out = Path(out)
     if random_init and weights not in (None, PUBLISHED):
@@ -144,13 +150,18 @@ def extract_features(
     if isinstance(model, LoadedModel):
         loaded = model
     else:
-        loaded = load_model(model, None if random_init else weights, min_coverage=min_coverage, seed=seed)
+        loaded = load_model(
+            model, None if random_init else weights, min_coverage=min_coverage, seed=seed, in_channels=in_channels
+        )
     runner = FeatureRunner(loaded.model, device=device, precision=precision)
     if num_workers is None:
         num_workers = auto_workers(runner.device.type)
-    profile = get_profile(loaded.entry.profile)
+    chosen = get_profile(profile or loaded.entry.profile)
+    if isinstance(chosen, Profile2D) != (loaded.entry.dims == 2):
+        raise MedfmError(f"profile {chosen.name} does not fit the {loaded.entry.dims}D model {loaded.entry.name}")
+    profile = chosen
     partial = _partial_dir(out)
-    state = _state(manifest, loaded, column_prefix)
+    state = _state(manifest, loaded, column_prefix, profile)
     parts = _done_rows(partial, state, manifest, resume)
     partial.mkdir(parents=True, exist_ok=True)
     write_json(state, partial / "state.json")
