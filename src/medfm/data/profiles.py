@@ -174,6 +174,14 @@ def get_profile(name: str | Profile | Profile2D) -> Profile | Profile2D:
         raise ProfileError(f"unknown profile {name!r}; known: {sorted(_PROFILES)}") from None
 
 
+def profile_from_dict(name: str, spec: dict[str, Any]) -> Profile | Profile2D:
+    """The profile ``name``, registered from its JSON copy (``to_dict()``) when this process does not know it."""
+    if name not in _PROFILES:
+        kind = Profile2D if "resize" in spec else Profile
+        register_profile(kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
+    return _PROFILES[name]
+
+
 def list_profiles() -> list[str]:
     """Names of the registered profiles."""
     return sorted(_PROFILES)

@@ -26,9 +26,10 @@ from medfm.evaluate.metrics import bootstrap_values, concordance_index, percenti
 from medfm.finetune.losses import cox_loss
 from medfm.models import hub
 from medfm.models.registry import build_trunk, get_entry, list_models
+from medfm.models.registry import trunk_args as resolve_trunk_args
 from medfm.models.transfer import transfer_weights
 from medfm.train.distributed import gather, world
-from medfm.train.optim import build_optimizer, warmup_cosine
+from medfm.train.optim import build_optimizer, trainer_schedule
 
 TASKS = ("binary", "multiclass", "regression", "survival")
 MONITORS = {
@@ -163,8 +164,7 @@ class FinetuneModule(pl.LightningModule):
         if task not in TASKS:
             raise ValueError(f"task={task!r}; allowed {TASKS}")
         self.save_hyperparameters()
-        args = dict(trunk_args or {"depth": 10}) if trunk == "resnet3d" else dict(trunk_args or {})
-        self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **args)
+        self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
         self.init_report = self._initialise(init, min_coverage)
         out_dim = num_classes if task == "multiclass" else 1
         widths = list(head or [out_dim])
@@ -382,11 +382,8 @@ class FinetuneModule(pl.LightningModule):
         for g in groups:
             g["weight_decay"] = hp.weight_decay
         optimizer = build_optimizer(hp.optimizer, groups, hp.lr_head, hp.weight_decay, hp.momentum)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = total / max(1, self.trainer.max_epochs or 1)
-        warmup = min(total, int(round(hp.warmup_epochs * per_epoch)))
-        schedule = warmup_cosine(optimizer, total, warmup, hp.final_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = trainer_schedule(self.trainer, optimizer, hp.warmup_epochs, hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_callbacks(self) -> list[Callback]:
         """Best-weight restoring, and early stopping when ``patience`` is set."""

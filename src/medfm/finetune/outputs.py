@@ -22,12 +22,12 @@ from medfm.data.augment import build_view
 from medfm.data.datasets import iter_volume_items
 from medfm.data.manifest import read_manifest
 from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
-from medfm.data.profiles import Profile, Profile2D, get_profile, list_profiles, register_profile
+from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
 from medfm.errors import ModelError
 from medfm.finetune.data import FinetuneData
 from medfm.finetune.module import FinetuneModule, mlp_head
 from medfm.models import hub
-from medfm.models.registry import build_trunk
+from medfm.models.registry import build_trunk, trunk_args
 
 CARD_KIND = "medfm-finetuned"
 
@@ -98,12 +98,11 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
     profile = get_profile(data.hparams.profile) if data.hparams.manifest else None
-    trunk_args = dict(hp.trunk_args or ({"depth": 10} if hp.trunk == "resnet3d" else {}))
     card = {
         "kind": CARD_KIND,
         "task": hp.task,
         "classes": data.classes,
-        "trunk": {"name": hp.trunk, "args": trunk_args, "in_channels": hp.in_channels},
+        "trunk": {"name": hp.trunk, "args": trunk_args(hp.trunk, hp.trunk_args), "in_channels": hp.in_channels},
         "feature_dim": module.feature_dim,
         "head": [m.out_features for m in module.head if isinstance(m, torch.nn.Linear)],
         "profile": None if profile is None else profile.name,
@@ -121,14 +120,10 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
 
 
 def _card_profile(card: dict) -> Profile | Profile2D:
-    """The card's profile, registered from its own copy when this process does not know it."""
+    """The profile the model was trained with (from the card's own copy when this process does not know it)."""
     if card.get("profile") is None:
         raise ModelError("the model was trained on a prebuilt store: it has no profile to cut new images with")
-    if card["profile"] not in list_profiles():
-        spec = dict(card["profile_spec"])
-        kind = Profile2D if "resize" in spec else Profile
-        register_profile(kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
-    return get_profile(card["profile"])
+    return profile_from_dict(card["profile"], card["profile_spec"])
 
 
 def load_finetuned(card_path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medfm.data.profiles import Profile, Profile2D, get_profile, list_profiles, register_profile
+from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
 from medfm.errors import MedfmError, ModelError
 from medfm.models import hub
 from medfm.models.backbones import resnet3d
@@ -313,6 +313,11 @@ def vgg16(in_channels: int = 3) -> nn.Module:
 # Trunks described as data (pre-training configs, exported model cards): a registry name, or a family with arguments.
 
 
+def trunk_args(name: str, args: dict | None) -> dict:
+    """The trunk arguments a config means: ``resnet3d`` without any is the small ResNet10."""
+    return dict(args or ({"depth": 10} if name == "resnet3d" else {}))
+
+
 def build_trunk(name: str, in_channels: int | None = None, **args: object) -> tuple[nn.Module, int]:
     """A randomly initialised trunk and its feature size: a registered model name, or ``resnet3d`` with
     ``depth``, ``widen_factor``, ``conv1_t_stride`` (the MONAI 3D ResNet family that FMCIB's trunk belongs to)."""
@@ -332,16 +337,6 @@ def user_models_dir() -> Path:
     return hub.medfm_home() / "models"
 
 
-def _profile_of(card: dict) -> str:
-    """The card's profile name, registered from the card's own copy when this process does not know it."""
-    name = card["profile"]
-    if name not in list_profiles():
-        spec = dict(card["profile_spec"])
-        kind = Profile2D if "resize" in spec else Profile
-        register_profile(kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
-    return name
-
-
 def register_card(card: dict, card_path: Path, replace: bool = False) -> ModelEntry:
     """Register an exported model from its card: trunk spec, feature size, profile, weight file in the cache.
 
@@ -357,7 +352,7 @@ def register_card(card: dict, card_path: Path, replace: bool = False) -> ModelEn
     register(
         card["name"],
         feature_dim=int(card["feature_dim"]),
-        profile=_profile_of(card),
+        profile=profile_from_dict(card["profile"], card["profile_spec"]).name,
         weights=spec,
         description=card.get("description", f"exported from {card.get('source', {}).get('checkpoint', '?')}"),
         dims=int(card["dims"]),

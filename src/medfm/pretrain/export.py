@@ -18,7 +18,7 @@ from medfm.data.profiles import Profile2D, get_profile
 from medfm.errors import ModelError
 from medfm.models import hub
 from medfm.models.checkpoints import read_checkpoint
-from medfm.models.registry import build_trunk, get_entry, list_models, register_card, user_models_dir
+from medfm.models.registry import build_trunk, get_entry, list_models, register_card, trunk_args, user_models_dir
 
 
 def trunk_state(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -55,7 +55,7 @@ def export_trunk(
         profile = str(data_hp["profile"])
     spec = get_profile(profile)
     trunk_name = str(hp.get("trunk", "resnet3d"))
-    args = dict(hp.get("trunk_args") or ({"depth": 10} if trunk_name == "resnet3d" else {}))
+    args = trunk_args(trunk_name, hp.get("trunk_args"))
     in_channels = int(hp.get("in_channels", 1))
     model, feature_dim = build_trunk(trunk_name, in_channels, **args)
     state = trunk_state(ckpt)

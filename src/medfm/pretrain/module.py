@@ -8,18 +8,17 @@ objectives share :func:`medfm.pretrain.losses.distributed_contrastive`, which ga
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medfm.models.registry import build_trunk
+from medfm.models.registry import trunk_args as resolve_trunk_args
 from medfm.models.transfer import transfer_weights
 from medfm.pretrain.losses import distributed_contrastive
 from medfm.pretrain.monitor import knn_scores
-from medfm.train.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from medfm.train.optim import build_optimizer, param_groups, scaled_lr, trainer_schedule
 
 METHODS = ("simclr", "simclr-mined", "supcon", "supervised")
 
@@ -89,8 +88,7 @@ class PretrainModule(pl.LightningModule):
         if method == "supervised" and not num_classes:
             raise ValueError("method supervised needs num_classes")
         self.save_hyperparameters()
-        args = dict(trunk_args or {"depth": 10}) if trunk == "resnet3d" else dict(trunk_args or {})
-        self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **args)
+        self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
         self.transfer_report = transfer_weights(init_weights, self.trunk) if init_weights else None
         if method == "supervised":
             self.head = nn.Linear(self.feature_dim, int(num_classes))
@@ -166,16 +164,5 @@ class PretrainModule(pl.LightningModule):
         batch = getattr(datamodule, "batch_size", 1) * self.trainer.world_size * self.trainer.accumulate_grad_batches
         lr = hp.lr if hp.lr_scaling == "none" else scaled_lr(hp.lr, batch, hp.lr_scaling)
         optimizer = build_optimizer(hp.optimizer, param_groups(self, hp.weight_decay), lr, hp.weight_decay, hp.momentum)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        # Warm-up epochs in steps from the loader's length: total / max_epochs is wrong when max_steps ends the
-        # run (max_epochs is then -1, and the estimate above does not load the loader, or is larger than it takes).
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
-        batches = self.trainer.num_training_batches
-        if math.isfinite(batches) and batches > 0:
-            per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
-        else:
-            per_epoch = total / max(1, self.trainer.max_epochs or 1)
-        warmup = min(total, int(round(hp.warmup_epochs * per_epoch)))
-        schedule = warmup_cosine(optimizer, total, warmup, hp.final_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = trainer_schedule(self.trainer, optimizer, hp.warmup_epochs, hp.final_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

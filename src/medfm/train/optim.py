@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 OPTIMIZERS = ("lars", "sgd", "adamw", "adam")
@@ -164,3 +165,23 @@ def build_optimizer(
     if key == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def trainer_schedule(
+    trainer: pl.Trainer, optimizer: torch.optim.Optimizer, warmup_epochs: float, final_ratio: float = 0.0
+) -> dict:
+    """Warm-up + cosine over the run a Trainer will make, stepped every optimiser step (Lightning's scheduler dict).
+
+    Warm-up epochs are counted in steps from the training loader's length: ``total / max_epochs`` is wrong when
+    ``max_steps`` ends the run (``max_epochs`` is then -1, or larger than the run takes).
+    """
+    total = max(1, int(trainer.estimated_stepping_batches))
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if math.isfinite(batches) and batches > 0:
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    else:
+        per_epoch = total / max(1, trainer.max_epochs or 1)
+    warmup = min(total, int(round(warmup_epochs * per_epoch)))
+    return {"scheduler": warmup_cosine(optimizer, total, warmup, final_ratio), "interval": "step"}
