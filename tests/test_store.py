@@ -213,9 +213,16 @@ def test_key_changes_with_what_shapes_the_content(demo):
 
 def test_changed_margin_builds_a_new_folder(demo, built, monkeypatch):
     _, manifest, _ = demo
-    calls = _cut_calls(monkeypatch)
+    real, volumes = store_module.iter_volume_items, []
+
+    def counting(*args, **kwargs):  # without negatives the store reads through the extraction path
+        for item in real(*args, **kwargs):
+            volumes.append(item.rows)
+            yield item
+
+    monkeypatch.setattr(store_module, "iter_volume_items", counting)
     other = build_store(manifest, SMALL, built.root.parent, margin=MARGIN + 1, negatives=0, seed=3, progress=False)
-    assert len(calls) == 2  # both volumes cut again
+    assert len(volumes) == 2 and sum(map(len, volumes)) == 8  # both volumes cut again, every row
     assert other.root != built.root and other.root.parent == built.root.parent
     assert other.patches.shape == (8, 1, BIG + 2, BIG + 2, BIG + 2) and other.negatives is None
     np.testing.assert_allclose(other.patches[:, :, 1:-1, 1:-1, 1:-1], built.patches, rtol=0, atol=1e-6)

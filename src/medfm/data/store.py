@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.data.images2d import preprocess2d, read_image2d
+from medfm.data.datasets import iter_volume_items
 from medfm.data.io import Volume, read_volume
 from medfm.data.manifest import Manifest
 from medfm.data.patches import plan_patch, sample_patch
@@ -148,8 +148,7 @@ def build_store(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
-    is_2d = isinstance(profile, Profile2D)
-    if is_2d and negatives:
+    if isinstance(profile, Profile2D) and negatives:
         raise ValueError("mined negatives need 3D scans: a 2D image has no 'elsewhere in the same scan'")
     wanted = list(range(len(manifest))) if rows is None else list(rows)
     early = {r: manifest.row_errors[r] for r in wanted if r in manifest.row_errors}
@@ -174,39 +173,45 @@ def build_store(
     if errors_path.exists():
         errors.update({int(k): v for k, v in json.loads(errors_path.read_text()).items()})
     position = {row: i for i, row in enumerate(wanted)}
-    groups = manifest.volumes(wanted)
-    # negatives keep away from every seed of a scan, also those of rows not in this store (other splits)
-    lesions = {
-        (path, uid): np.asarray([manifest.seeds_lps[r] for r in members if r not in manifest.row_errors])
-        for path, uid, members in (manifest.volumes() if not is_2d else [])
-    }
+    todo = [r for r in wanted if not done[position[r]] and r not in errors]
+
+    def record(rows: list[int]) -> None:
+        """Mark rows done (or failed), flush, and save the progress so a stopped build resumes here."""
+        for row in rows:
+            done[position[row]] = row not in errors
+        if errors and on_error == "raise":
+            row = min(errors)
+            raise RowError(row, manifest.paths[row], errors[row])
+        patches.flush()
+        if negs is not None:
+            negs.flush()
+        np.save(done_path, done)
+        errors_path.write_text(json.dumps({str(k): v for k, v in errors.items()}))
+
     with progress_bar(progress) as bar:
-        task = bar.add_task("caching patches", total=len(wanted))
-        for path, uid, members in groups:
-            todo = [r for r in members if not done[position[r]] and r not in errors]
-            if todo:
+        task = bar.add_task("caching patches", total=len(wanted), completed=len(wanted) - len(todo))
+        if negs is None:  # the extraction path: ROI-first reads (only the box the patches need), 2D images too
+            for item in iter_volume_items(manifest, big, rows=todo, on_error="skip"):
+                for row, patch in zip(item.rows, item.patches):
+                    patches[position[row]] = patch
+                errors.update(item.errors)
+                record(item.rows + list(item.errors))
+                bar.advance(task, len(item.rows) + len(item.errors))
+        else:  # mined negatives lie anywhere in the scan: read it whole, once
+            # negatives keep away from every seed of a scan, also those of rows not in this store (other splits)
+            lesions = {
+                (path, uid): np.asarray([manifest.seeds_lps[r] for r in members if r not in manifest.row_errors])
+                for path, uid, members in manifest.volumes()
+            }
+            for path, uid, members in manifest.volumes(todo):
                 try:
-                    if is_2d:
-                        patch = preprocess2d(read_image2d(path), big)
-                        for row in todo:
-                            patches[position[row]] = patch
-                    else:
-                        _cut_volume(
-                            manifest, path, uid, todo, big, position, patches, negs, seed, errors, lesions[(path, uid)]
-                        )
+                    _cut_volume(
+                        manifest, path, uid, members, big, position, patches, negs, seed, errors, lesions[(path, uid)]
+                    )
                 except MedfmError as err:
-                    errors.update({r: str(getattr(err, "reason", err)) for r in todo if r not in errors})
-                for row in todo:
-                    done[position[row]] = row not in errors
-                if errors and on_error == "raise":
-                    row = min(errors)
-                    raise RowError(row, manifest.paths[row], errors[row])
-                patches.flush()
-                if negs is not None:
-                    negs.flush()
-                np.save(done_path, done)
-                errors_path.write_text(json.dumps({str(k): v for k, v in errors.items()}))
-            bar.advance(task, len(members))
+                    errors.update({r: str(getattr(err, "reason", err)) for r in members if r not in errors})
+                record(members)
+                bar.advance(task, len(members))
     keep = np.flatnonzero(done)
     _finish(work, final, patches, negs, np.asarray(wanted)[keep], keep, errors, big, margin, negatives, seed)
     return open_store(final)
