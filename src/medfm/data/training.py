@@ -22,6 +22,13 @@ from medfm.data.store import PatchStore
 NO_LABEL = -1
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when none is running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochSampler(Sampler):
     """Seeded per-epoch shuffling, sharded over the ranks of the default process group; yields (index, epoch).
 
@@ -43,9 +50,7 @@ class EpochSampler(Sampler):
         self.epoch = epoch
 
     def _world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return world()
 
     def __len__(self) -> int:
         _, world = self._world()

@@ -19,7 +19,7 @@ from medfm.data.manifest import read_manifest
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import SPLIT_NAMES, holdout, subsample
 from medfm.data.store import PatchStore, build_store, open_store
-from medfm.data.training import EpochSampler, StoreViews, encode_labels
+from medfm.data.training import StoreViews, encode_labels
 from medfm.errors import ManifestError
 from medfm.models.hub import medfm_home
 from medfm.train.data import StoreDataModule
@@ -209,14 +209,12 @@ class FinetuneData(StoreDataModule):
         if hp.oversample and hp.task in ("binary", "multiclass"):
             labels = self.store.labels[dataset.indices]
             weights = 1.0 / np.bincount(labels)[labels]
-        sampler = EpochSampler(len(dataset), shuffle=True, seed=hp.seed, drop_last=False, weights=weights)
-        # a last batch of one sample would break batch norm in training: dropped (the rows return next epoch)
-        return self._loader(dataset, sampler, drop_last=len(dataset) > self.batch_size)
+        return self._loader(dataset, train=True, weights=weights)
 
     def val_dataloader(self) -> DataLoader:
         """Centre views of the validation rows."""
-        return self._loader(self.dataset("val"), EpochSampler(0, shuffle=False, drop_last=False))
+        return self._loader(self.dataset("val"), train=False)
 
     def test_dataloader(self) -> DataLoader:
         """Centre views of the test rows."""
-        return self._loader(self.dataset("test"), EpochSampler(0, shuffle=False, drop_last=False))
+        return self._loader(self.dataset("test"), train=False)

@@ -16,7 +16,7 @@ from medfm.data.augment import build_view, default_view
 from medfm.data.manifest import read_manifest
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.store import PatchStore, build_store, open_store
-from medfm.data.training import EpochSampler, StoreViews, encode_labels
+from medfm.data.training import StoreViews, encode_labels
 from medfm.models.hub import medfm_home
 from medfm.train.data import StoreDataModule
 
@@ -101,7 +101,7 @@ class PretrainData(StoreDataModule):
         dataset = self._dataset(hp.train_split, spec, hp.views, hp.mined_negatives > 0)
         if len(dataset) < hp.batch_size:
             raise ValueError(f"{len(dataset)} training samples, fewer than one batch of {hp.batch_size}")
-        return self._loader(dataset, EpochSampler(len(dataset), shuffle=True, seed=hp.seed), drop_last=True)
+        return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Centre views of the labelled validation rows (none without a split or labels)."""
@@ -112,4 +112,4 @@ class PretrainData(StoreDataModule):
         dataset = self._dataset(hp.val_split, spec, 1, False)
         if len(dataset) == 0:
             return []
-        return self._loader(dataset, EpochSampler(len(dataset), shuffle=False, seed=hp.seed, drop_last=False), False)
+        return self._loader(dataset, train=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 from torch.utils.data import DataLoader
 
 from medfm.data.store import PatchStore
@@ -33,15 +34,16 @@ class StoreDataModule(pl.LightningDataModule):
         assert self.store is not None
         return tuple(s - 2 * self.store.margin for s in self.store.size)
 
-    def _loader(self, dataset: StoreViews, sampler: EpochSampler, drop_last: bool = False) -> DataLoader:
-        """Batches of ``dataset`` in the order of ``sampler`` (sized to the dataset)."""
-        sampler.size = len(dataset)
+    def _loader(self, dataset: StoreViews, train: bool, weights: np.ndarray | None = None) -> DataLoader:
+        """Training: reshuffled every epoch (or drawn by ``weights``), equal shares per rank, an incomplete last
+        batch dropped (batch norm cannot train on one sample). Evaluation: in order, every row on some rank."""
+        sampler = EpochSampler(len(dataset), shuffle=train, seed=self.hparams.seed, drop_last=train, weights=weights)
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=drop_last,
+            drop_last=train and len(dataset) > self.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
         )

@@ -12,12 +12,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when none is running."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from medfm.data.training import world
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
