@@ -30,9 +30,7 @@ from medfm.finetune.data import FinetuneData
 from medfm.finetune.module import FinetuneModule
 from medfm.pretrain.data import PretrainData
 from medfm.pretrain.module import PretrainModule
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPLITS = ("train", "val", "test")
+from medmnist_runs import DATA, cpu_trainer, load, ssl_view
 
 SETS = {
     "3d": {
@@ -56,43 +54,6 @@ SETS = {
 }
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images in [0, 1], labels and split names of a MedMNIST npz."""
-    data = np.load(path)
-    images = np.concatenate([data[f"{s}_images"] for s in SPLITS]).astype(np.float32) / 255.0
-    labels = np.concatenate([data[f"{s}_labels"].reshape(-1) for s in SPLITS]).astype(np.int64)
-    splits = np.concatenate([[s] * len(data[f"{s}_labels"]) for s in SPLITS])
-    return images, labels, splits
-
-
-def trainer(epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-    )
-
-
-def ssl_view(dims: int, size: tuple[int, ...]) -> list[dict]:
-    if dims == 3:
-        return [
-            {"op": "random_resized_crop", "size": list(size), "scale": [0.4, 1.0]},
-            {"op": "flip", "axes": [0, 1, 2], "p": 0.5},
-            {"op": "intensity_jitter", "scale": 0.2, "shift": 0.1, "p": 0.8},
-            {"op": "gaussian_noise", "std": 0.05, "p": 0.3},
-        ]
-    return [
-        {"op": "random_resized_crop", "size": list(size), "scale": [0.4, 1.0]},
-        {"op": "flip", "axes": [1], "p": 0.5},
-        {"op": "brightness_contrast", "brightness": 0.4, "contrast": 0.4, "p": 0.8},
-    ]
-
-
 def pretrain(setting: dict, tmp: Path, epochs: int) -> Path:
     """SimCLR on the pre-training images; returns the trunk's weight file."""
     images, labels, splits = load(DATA / setting["pretrain_file"])
@@ -110,8 +71,10 @@ def pretrain(setting: dict, tmp: Path, epochs: int) -> Path:
         weight_decay=1e-5,
         warmup_epochs=0.5,
     )
-    data = PretrainData(store=str(store.root), batch_size=128, view=ssl_view(len(setting["size"]), setting["size"]))
-    trainer(epochs).fit(module, data)
+    data = PretrainData(
+        store=str(store.root), batch_size=128, view=ssl_view(len(setting["size"]), setting["size"], light=True)
+    )
+    cpu_trainer(epochs).fit(module, data)
     path = tmp / "simclr_trunk.pt"
     torch.save(module.trunk.state_dict(), path)
     return path
@@ -142,7 +105,7 @@ def finetune(setting: dict, store_dir: Path, init: str, fraction: float, seed: i
         seed=seed,
         batch_size=setting["batch"],
     )
-    run = trainer(epochs)
+    run = cpu_trainer(epochs)
     run.fit(module, data)
     run.test(module, datamodule=data, verbose=False)
     return module

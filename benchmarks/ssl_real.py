@@ -33,19 +33,7 @@ from medfm.data.store import store_from_arrays
 from medfm.evaluate.probe import run_probe
 from medfm.pretrain.data import PretrainData
 from medfm.pretrain.module import PretrainModule
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPLITS = ("train", "val", "test")
-
-
-def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images scaled to [0, 1], labels and split names of a MedMNIST npz, in split order."""
-    data = np.load(path)
-    images = np.concatenate([data[f"{s}_images"] for s in SPLITS]).astype(np.float32) / 255.0
-    labels = np.concatenate([data[f"{s}_labels"].reshape(-1) for s in SPLITS]).astype(np.int64)
-    splits = np.concatenate([[s] * len(data[f"{s}_labels"]) for s in SPLITS])
-    return images, labels, splits
-
+from medmnist_runs import DATA, cpu_trainer, load, ssl_view
 
 SETTINGS = {
     "3d": {
@@ -71,25 +59,6 @@ SETTINGS = {
         "methods": ["random", "simclr", "supcon", "supervised"],
     },
 }
-
-
-def ssl_view(dims: int, size: tuple[int, ...]) -> list[dict]:
-    """The SimCLR-style training view of these small images."""
-    if dims == 3:
-        return [
-            {"op": "random_resized_crop", "size": list(size), "scale": [0.4, 1.0]},
-            {"op": "flip", "axes": [0, 1, 2], "p": 0.5},
-            {"op": "intensity_jitter", "scale": 0.2, "shift": 0.1, "p": 0.8},
-            {"op": "gaussian_smooth", "sigma": [0.5, 1.0], "p": 0.3},
-            {"op": "gaussian_noise", "std": 0.05, "p": 0.3},
-        ]
-    return [
-        {"op": "random_resized_crop", "size": list(size), "scale": [0.4, 1.0]},
-        {"op": "flip", "axes": [1], "p": 0.5},
-        {"op": "rotate", "degrees": 10, "p": 0.5},
-        {"op": "brightness_contrast", "brightness": 0.4, "contrast": 0.4, "p": 0.8},
-        {"op": "gaussian_blur", "sigma": [0.1, 1.0], "kernel_size": 3, "p": 0.3},
-    ]
 
 
 def pretrain(setting: dict, store_dir: Path, method: str, epochs: int, seed: int) -> tuple[torch.nn.Module, dict]:
@@ -119,16 +88,7 @@ def pretrain(setting: dict, store_dir: Path, method: str, epochs: int, seed: int
         mined_negatives=setting["negatives"] if method == "simclr-mined" else 0,
         seed=seed,
     )
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = cpu_trainer(epochs)
     trainer.fit(module, data)
     return module.trunk.eval(), {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -204,7 +164,7 @@ def main() -> None:
     parser.add_argument("--epochs-3d", type=int, default=8)
     parser.add_argument("--epochs-2d", type=int, default=3)
     parser.add_argument("--trials", type=int, default=20, help="Optuna trials of each probe")
-    parser.add_argument("--repeats", type=int, default=3, help="draws of the 10% training subset")
+    parser.add_argument("--repeats", type=int, default=3, help="draws of the 10%% training subset")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
