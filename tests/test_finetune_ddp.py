@@ -13,12 +13,6 @@ deduplicated, so the validation (and test) metrics of the two runs are those of 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +22,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ddp_runs import finish, metrics, start, step_losses
 from medfm.data.synthetic import make_demo_dataset
 
 pytestmark = pytest.mark.skipif(
@@ -40,20 +35,6 @@ VIEW = [
     {"op": "flip", "axes": [0, 1, 2], "p": 0.5},
 ]
 EVAL_VIEW = [{"op": "center_crop", "size": [16, 16, 16]}]
-TIMEOUT = 300  # seconds per run: fail, never hang
-
-
-def medfm_script() -> str:
-    found = Path(sys.executable).parent / "medfm"
-    if found.is_file():
-        return str(found)
-    return shutil.which("medfm") or pytest.skip("the medfm console script is not installed")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,61 +98,6 @@ def write_config(folder: Path, manifest: Path, task: str) -> Path:
     return path
 
 
-def start(folder: Path, config: Path, devices: int, batch_size: int) -> subprocess.Popen:
-    command = [
-        medfm_script(),
-        "finetune",
-        "fit",
-        "--config",
-        str(config),
-        "--trainer.devices",
-        str(devices),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.sync_batchnorm",
-        "true",
-        "--data.batch_size",
-        str(batch_size),
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.max_steps",
-        "2",
-    ]
-    if devices > 1:
-        command += ["--trainer.strategy", "ddp"]
-    env = {
-        **os.environ,
-        "MEDFM_HOME": str(folder / "home"),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",  # the same arithmetic in every process of both runs
-    }
-    log = (folder / "log.txt").open("wb")
-    # A session of its own: on a timeout the whole group goes, the rank Lightning's launcher started included.
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, folder: Path) -> None:
-    try:
-        proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"run in {folder} took over {TIMEOUT} s:\n{(folder / 'log.txt').read_text()[-3000:]}")
-    assert proc.returncode == 0, f"run in {folder} failed:\n{(folder / 'log.txt').read_text()[-3000:]}"
-
-
-def metrics(folder: Path) -> pd.DataFrame:
-    (csv,) = (folder / "run").rglob("metrics.csv")
-    return pd.read_csv(csv)
-
-
-def step_losses(folder: Path) -> dict[int, float]:
-    rows = metrics(folder).dropna(subset=["train/loss_step"])
-    return dict(zip(rows["step"].astype(int), rows["train/loss_step"].astype(float)))
-
-
 def logged(folder: Path, column: str) -> list[float]:
     table = metrics(folder)
     return table[column].dropna().astype(float).tolist() if column in table.columns else []
@@ -188,8 +114,8 @@ def runs(request, manifest, tmp_path_factory) -> tuple[str, Path, Path]:
     root = tmp_path_factory.mktemp(f"ft_ddp_{request.param}")
     ddp, single = root / "ddp", root / "single"
     procs = [
-        (start(ddp, write_config(ddp, manifest, request.param), devices=2, batch_size=2), ddp),
-        (start(single, write_config(single, manifest, request.param), devices=1, batch_size=4), single),
+        (start("finetune", ddp, write_config(ddp, manifest, request.param), devices=2, batch_size=2), ddp),
+        (start("finetune", single, write_config(single, manifest, request.param), devices=1, batch_size=4), single),
     ]
     for proc, folder in procs:
         finish(proc, folder)
