@@ -23,35 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from synthetic_ct import make_volumes
+
 SIZE_XYZ = (512, 512, 200)
 SPACING = (0.7, 0.7, 2.5)
-
-
-def make_volumes(folder: Path, n_volumes: int, n_seeds: int) -> Path:
-    """Write CT-like volumes (body, lungs, noise) and a manifest of seeds inside the body."""
-    from medfm.data.io import Geometry, write_volume
-
-    rng = np.random.default_rng(0)
-    rows = []
-    nx, ny, nz = SIZE_XYZ
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    body = ((xx - nx / 2) / (0.45 * nx)) ** 2 + ((yy - ny / 2) / (0.38 * ny)) ** 2 <= 1
-    lungs = (((np.abs(xx - nx / 2) - 0.2 * nx) / (0.13 * nx)) ** 2 + ((yy - ny / 2) / (0.25 * ny)) ** 2) <= 1
-    for v in range(n_volumes):
-        slab = np.where(body, 40, -1000).astype(np.int16)
-        slab[lungs] = -850
-        array = np.broadcast_to(slab, (nz, ny, nx)).copy()
-        array += rng.normal(0, 15, size=array.shape).astype(np.int16)
-        geometry = Geometry(SIZE_XYZ, SPACING, (-179.0 + v, -179.0, -300.0 - 5 * v), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-        path = folder / f"ct_{v}.nii"
-        write_volume(array, geometry, path)
-        for _ in range(n_seeds):
-            index = rng.uniform([120, 120, 20], [390, 390, 180])
-            world = geometry.index_to_world(index)
-            rows.append({"image_path": path.name, "coordX": world[0], "coordY": world[1], "coordZ": world[2]})
-    manifest = folder / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
+SEED_BOX = ((0.23, 0.23, 0.1), (0.76, 0.76, 0.9))  # seeds inside the body, away from its edge
 
 
 def _peak_rss_mb() -> float:
@@ -191,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = make_volumes(Path(tmp), args.volumes, args.seeds)
+        manifest = make_volumes(Path(tmp), args.volumes, SIZE_XYZ, SPACING, args.seeds, seed_box=SEED_BOX)
         n = args.volumes * args.seeds
         print(f"{args.volumes} volumes of {SIZE_XYZ} voxels at {SPACING} mm, {n} seeds")
         ref = run_in_child(_reference_job, str(manifest))

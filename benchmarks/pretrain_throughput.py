@@ -30,38 +30,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from synthetic_ct import make_volumes
+
 SPACING = (0.8, 0.8, 2.0)
 PROFILE = "fmcib"
 MARGIN = 8
 NEGATIVES = 2
-
-
-def make_volumes(folder: Path, n_volumes: int, size_xyz: tuple[int, int, int], n_seeds: int) -> Path:
-    """Write CT-like volumes (body, lungs, noise) as .nii.gz and a manifest of seeds inside the body."""
-    from medfm.data.io import Geometry, write_volume
-
-    rng = np.random.default_rng(0)
-    rows = []
-    nx, ny, nz = size_xyz
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    body = ((xx - nx / 2) / (0.45 * nx)) ** 2 + ((yy - ny / 2) / (0.38 * ny)) ** 2 <= 1
-    lungs = (((np.abs(xx - nx / 2) - 0.2 * nx) / (0.13 * nx)) ** 2 + ((yy - ny / 2) / (0.25 * ny)) ** 2) <= 1
-    for v in range(n_volumes):
-        slab = np.where(body, 40, -1000).astype(np.int16)
-        slab[lungs] = -850
-        array = np.broadcast_to(slab, (nz, ny, nx)).copy()
-        array += rng.normal(0, 15, size=array.shape).astype(np.int16)
-        origin = (-nx * SPACING[0] / 2 + v, -ny * SPACING[1] / 2, -nz * SPACING[2] / 2 - 5 * v)
-        geometry = Geometry(size_xyz, SPACING, origin, (1, 0, 0, 0, 1, 0, 0, 0, 1))
-        path = folder / f"ct_{v}.nii.gz"
-        write_volume(array, geometry, path)
-        for _ in range(n_seeds):
-            index = rng.uniform([0.35 * nx, 0.35 * ny, 0.25 * nz], [0.65 * nx, 0.65 * ny, 0.75 * nz])
-            world = geometry.index_to_world(index)
-            rows.append({"image_path": path.name, "coordX": world[0], "coordY": world[1], "coordZ": world[2]})
-    manifest = folder / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
 
 
 class UncachedViews(Dataset):
@@ -199,7 +173,9 @@ def main() -> None:
     profile = get_profile(PROFILE)
     view = build_view(default_view(3, profile.size, "ssl"), 3)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = read_manifest(make_volumes(Path(tmp), args.volumes, tuple(args.size), args.seeds))
+        manifest = read_manifest(
+            make_volumes(Path(tmp), args.volumes, tuple(args.size), SPACING, args.seeds, suffix=".nii.gz")
+        )
         n = len(manifest)
         print(
             f"{args.volumes} volumes of {tuple(args.size)} voxels at {SPACING} mm (.nii.gz), {n} seeds; profile "
