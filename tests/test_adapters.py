@@ -172,6 +172,20 @@ def test_moco_cxr_densenet(densenet):
     check({"state_dict": state, "arch": "densenet121"}, "moco", trunk, dropped)
 
 
+def test_mimic_chexpert_lightning_densenet(densenet):
+    # CovidPrognosis saves its MoCo DenseNets as Lightning checkpoints: state_dict with model.encoder_q.* keys
+    full, trunk = densenet
+    state = {
+        **prefixed(full, "model.encoder_q."),
+        **prefixed(trunk, "model.encoder_k."),
+        "model.queue": torch.randn(128, 8),
+        "model.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
+    checkpoint = {"state_dict": state, "epoch": 3, "global_step": 10, "pytorch-lightning_version": "1.0.0"}
+    dropped = {k for k in state if not k.startswith("model.encoder_q.features.")}
+    check(checkpoint, "moco", trunk, dropped)
+
+
 def test_moco_v3(resnet):
     full, trunk = resnet
     head = mlp("base_encoder.fc.")

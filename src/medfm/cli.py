@@ -80,8 +80,12 @@ def _weights(args: argparse.Namespace) -> None:
             if entry.weights is None:
                 print(f"{name}: no published weights")
                 continue
-            path = hub.cached_path(entry.weights)
-            print(f"{name}: {path} [{'cached' if path.is_file() else 'not cached'}] from {entry.weights.url}")
+            spec, path = entry.weights, hub.cached_path(entry.weights)
+            layout = f"layout {spec.layout or 'detected'}, profile {entry.profile}"
+            convert = f"; published for another framework: {spec.convert}" if spec.convert else ""
+            print(
+                f"{name}: {path} [{'cached' if path.is_file() else 'not cached'}] from {spec.url} ({layout}){convert}"
+            )
         return
     if not args.name:
         raise MedfmError("name the model whose weights to download, e.g. `medfm weights download fmcib-resnet50`")

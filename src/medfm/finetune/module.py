@@ -200,10 +200,10 @@ class FinetuneModule(pl.LightningModule):
             entry = get_entry(name)
             if entry.weights is None:
                 raise ValueError(f"model {name} has no weights to start from")
-            source = hub.resolve(entry.weights, name)
-        else:
-            source = init
-        return transfer_weights(source, self.trunk, min_coverage=min_coverage)
+            return transfer_weights(
+                hub.resolve(entry.weights, name), self.trunk, min_coverage=min_coverage, layout=entry.weights.layout
+            )
+        return transfer_weights(init, self.trunk, min_coverage=min_coverage)
 
     def _freeze(self, freeze: str) -> list[str]:
         """Freeze trunk blocks; returns the names of the frozen children."""

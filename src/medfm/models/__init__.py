@@ -1,5 +1,6 @@
 """Models: the registry (zoo), network builders, safe checkpoint loading and the weight cache."""
 
+from medfm.models import catalogue  # noqa: F401 - registers the published checkpoints of the studies
 from medfm.models.checkpoints import LoadReport, load_weights, read_checkpoint
 from medfm.models.registry import PUBLISHED, LoadedModel, create, get_entry, list_models, load_model, register
 

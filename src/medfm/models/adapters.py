@@ -66,8 +66,18 @@ LAYOUTS: dict[str, Layout] = {
             "MoCo v1/v2/v3, MoCo-CXR, MIMIC-CheXpert MoCo DenseNets: encoder_q. (or base_encoder.) trunk; "
             "encoder_k, queue and fc/classifier projection heads dropped",
             (("state_dict",), ("model",), ()),
-            ("encoder_q.", "base_encoder."),
-            ("encoder_k.*", "momentum_encoder.*", "queue*", "fc.*", "classifier.*", "head.*", "predictor.*"),
+            ("model.encoder_q.", "encoder_q.", "base_encoder."),  # model.: CovidPrognosis' Lightning checkpoints
+            (
+                "model.encoder_k.*",
+                "model.queue*",
+                "encoder_k.*",
+                "momentum_encoder.*",
+                "queue*",
+                "fc.*",
+                "classifier.*",
+                "head.*",
+                "predictor.*",
+            ),
         ),
         Layout(
             "simclr",
@@ -208,7 +218,7 @@ def detect_layout(checkpoint: Mapping[str, object]) -> str:
     def starts(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
 
-    if starts("encoder_q.", "encoder_k.", "base_encoder.", "momentum_encoder.", "queue"):
+    if starts("encoder_q.", "encoder_k.", "base_encoder.", "momentum_encoder.", "queue", "model.encoder_q."):
         return "moco"
     if starts("online_network.", "online_encoder.", "online_predictor.", "target_network.", "target_encoder."):
         return "byol"

@@ -265,9 +265,11 @@ def read_trunk(
     return state, dropped, name
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str], min_coverage: float = 0.95) -> LoadReport:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike[str], min_coverage: float = 0.95, layout: str | None = None
+) -> LoadReport:
     """Load a checkpoint file of any known layout into ``model`` safely; returns the report (heads dropped by rule)."""
-    state, dropped, layout = read_trunk(path)
+    state, dropped, layout = read_trunk(path, layout)
     report = load_state(model, state, min_coverage)
     report.dropped, report.layout = sorted(dropped), layout
     return report

@@ -28,6 +28,8 @@ class WeightsSpec:
     sha256: str | None = None
     size: int | None = None
     sha256_prefix: str | None = None  # when only the start of the hash is published (torchvision's file names)
+    layout: str | None = None  # the checkpoint layout of medfm.models.adapters the file is in (None: detected)
+    convert: str | None = None  # published in a format medfm does not read: how to convert it, done by the user
 
 
 def medfm_home() -> Path:
@@ -66,6 +68,8 @@ def resolve(spec: WeightsSpec, model_name: str) -> Path:
     path = cached_path(spec)
     if not path.is_file():
         pin = f", SHA-256 {spec.sha256}" if spec.sha256 else ""
+        if spec.convert:
+            raise WeightsError(f"weights for {model_name} not found at {path}. {_manual(spec, path)}")
         raise WeightsError(
             f"weights for {model_name} not found at {path} (URL {spec.url}{pin}). "
             f"Download them with `medfm weights download {model_name}`, or pass --weights PATH"
@@ -73,11 +77,20 @@ def resolve(spec: WeightsSpec, model_name: str) -> Path:
     return path
 
 
+def _manual(spec: WeightsSpec, dest: Path) -> str:
+    return (
+        f"They are published as {spec.url} in a format medfm does not read; {spec.convert}, "
+        f"then place the converted file at {dest} (or pass it as --weights PATH)"
+    )
+
+
 def download(
     spec: WeightsSpec, dest: str | os.PathLike[str] | None = None, progress: bool = True, timeout: float = 60.0
 ) -> Path:
     """Download a weight file into the cache, resuming a partial ``.part`` file, then verify it."""
     dest = Path(dest) if dest else cached_path(spec)
+    if spec.convert and not dest.is_file():
+        raise WeightsError(_manual(spec, dest))
     if dest.is_file():
         verify(dest, spec)
         return dest

@@ -118,10 +118,12 @@ def load_model(
     """
     entry = get_entry(name)
     path: Path | None = None
+    layout = None  # published files are read in the layout the catalogue names; other files are detected
     if weights is not None and str(weights) == PUBLISHED:
         if entry.weights is None:
             raise ModelError(f"model {name} has no published weights; pass a weight file or random init")
         path = hub.resolve(entry.weights, name)  # before building: a missing file fails at once
+        layout = entry.weights.layout
     elif weights is not None:
         path = Path(weights)
     torch.manual_seed(seed)
@@ -129,9 +131,9 @@ def load_model(
     if path is None:
         return LoadedModel(model.eval(), entry, None, None, None, seed=seed)
     if in_channels is None:
-        report = load_weights(model, path, min_coverage=min_coverage)
+        report = load_weights(model, path, min_coverage=min_coverage, layout=layout)
     else:
-        report = transfer_weights(path, model, min_coverage=min_coverage)
+        report = transfer_weights(path, model, min_coverage=min_coverage, layout=layout)
     return LoadedModel(model.eval(), entry, path, hub.sha256_of(path), report)
 
 
