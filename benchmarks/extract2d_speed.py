@@ -25,7 +25,14 @@ BASELINE = "resnet50"
 
 
 def entries_2d() -> list[str]:
-    return [name for name in list_models() if get_entry(name).dims == 2]
+    """One entry per 2D network: catalogue entries (radiologynet-resnet50, ...) share their architecture's builder,
+    whose own name is the shortest."""
+    by_builder: dict[object, str] = {}
+    for name in list_models():
+        entry = get_entry(name)
+        if entry.dims == 2 and len(name) < len(by_builder.get(entry.builder, name + "-")):
+            by_builder[entry.builder] = name
+    return sorted(by_builder.values())
 
 
 def throughput(names: list[str], batch: int, repeats: int) -> dict[str, tuple[float, int, tuple[int, int]]]:
