@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -18,24 +19,15 @@ from medfm.data.outputs import write_table
 from medfm.finetune.data import FinetuneData
 from medfm.finetune.module import FinetuneModule
 from medfm.finetune.outputs import write_run_outputs
-from medfm.train.cli import MedfmCLI, launch
+from medfm.train.cli import EvaluatedCLI, MedfmCLI, fit_summary, launch
 
 
-class FinetuneCLI(MedfmCLI):
+class FinetuneCLI(EvaluatedCLI):
     """After fit: test the restored best weights once, then write results, curves and the model card."""
 
-    def after_fit(self) -> None:
-        """Test and write the run's outputs (rank 0 writes)."""
-        trainer = self.trainer
-        if trainer.interrupted:
-            return
-        trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        # Every rank asks: under DDP, Trainer.log_dir broadcasts rank 0's folder (a collective call).
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero:
-            card = write_run_outputs(self.model, self.datamodule, folder)
-            test = {k: round(v["value"], 4) for k, v in self.model.test_results.items() if k != "n"}
-            print(f"test {test}; best {self.model.best}; model card {card}")
+    def write_outputs(self, folder: Path) -> str:
+        """results.json, curves and the model card (:mod:`medfm.finetune.outputs`)."""
+        return fit_summary(self.model, write_run_outputs(self.model, self.datamodule, folder))
 
 
 def run_cli(args: list[str] | None = None) -> MedfmCLI:
@@ -58,9 +50,11 @@ def sweep(
     fractions: list[float],
     repeats: int = 3,
     extra: list[str] | None = None,
+    runner: Callable[[list[str]], object] | None = None,
 ) -> pd.DataFrame:
     """Fine-tune at each training fraction × seed (``repeats`` seeds; one at fraction 1 unless asked) and table the
-    test metrics with their CIs into ``out/sweep.csv``. Finished runs (with a results.json) are not redone."""
+    test metrics with their CIs into ``out/sweep.csv``. Finished runs (with a results.json) are not redone.
+    ``runner`` runs one training command line (default: ``medfm finetune``'s; ``medfm segment`` passes its own)."""
     out = Path(out)
     records = []
     for fraction in fractions:
@@ -68,7 +62,7 @@ def sweep(
             folder = out / f"fraction_{fraction:g}" / f"seed_{seed}"
             results = next(iter(sorted(folder.rglob("results.json"))), None)
             if results is None:
-                run_cli(
+                (runner or run_cli)(
                     [
                         "fit",
                         "--config",

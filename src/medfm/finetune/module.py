@@ -29,7 +29,8 @@ from medfm.models.registry import build_trunk, get_entry, list_models
 from medfm.models.registry import trunk_args as resolve_trunk_args
 from medfm.models.transfer import transfer_weights
 from medfm.train.distributed import gather, world
-from medfm.train.optim import build_optimizer, trainer_schedule
+from medfm.train.freeze import freeze_blocks
+from medfm.train.optim import grouped_optimizer
 
 TASKS = ("binary", "multiclass", "regression", "survival")
 MONITORS = {
@@ -114,6 +115,14 @@ class BestWeights(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from a checkpoint."""
         self.best, self.best_epoch, self.state = state_dict["best"], state_dict["best_epoch"], state_dict["state"]
+
+
+def fit_callbacks(monitor: str, mode: str, patience: int | None) -> list[Callback]:
+    """Best-weight restoring on ``monitor``, and early stopping on it when ``patience`` is set."""
+    callbacks: list[Callback] = [BestWeights(monitor, mode)]
+    if patience:
+        callbacks.append(EarlyStopping(monitor, patience=patience, mode=mode, check_finite=False))
+    return callbacks
 
 
 class FinetuneModule(pl.LightningModule):
@@ -207,22 +216,7 @@ class FinetuneModule(pl.LightningModule):
 
     def _freeze(self, freeze: str) -> list[str]:
         """Freeze trunk blocks; returns the names of the frozen children."""
-        children = [name for name, _ in self.trunk.named_children()]
-        if freeze == "none":
-            frozen: list[str] = []
-        elif freeze == "trunk":
-            frozen = children
-        elif freeze.startswith("trunk-until-"):
-            last = freeze[len("trunk-until-") :]
-            if last not in children:
-                raise ValueError(f"freeze={freeze!r}: the trunk has no block {last!r}; blocks: {children}")
-            frozen = children[: children.index(last) + 1]
-        else:
-            raise ValueError(f"freeze={freeze!r}; allowed none, trunk, trunk-until-BLOCK")
-        for name in frozen:
-            for p in getattr(self.trunk, name).parameters():
-                p.requires_grad_(False)
-        return frozen
+        return freeze_blocks(self.trunk, [name for name, _ in self.trunk.named_children()], freeze, "trunk")
 
     def on_train_epoch_start(self) -> None:
         """Frozen blocks stay in eval mode: their batch-norm statistics do not drift."""
@@ -378,18 +372,8 @@ class FinetuneModule(pl.LightningModule):
             {"params": [p for p in self.trunk.parameters() if p.requires_grad], "lr": hp.lr_trunk},
             {"params": list(self.head.parameters()), "lr": hp.lr_head},
         ]
-        groups = [g for g in groups if g["params"]]
-        for g in groups:
-            g["weight_decay"] = hp.weight_decay
-        optimizer = build_optimizer(hp.optimizer, groups, hp.lr_head, hp.weight_decay, hp.momentum)
-        schedule = trainer_schedule(self.trainer, optimizer, hp.warmup_epochs, hp.final_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": schedule}
+        return grouped_optimizer(self.trainer, groups, hp, hp.lr_head)
 
     def configure_callbacks(self) -> list[Callback]:
         """Best-weight restoring, and early stopping when ``patience`` is set."""
-        callbacks: list[Callback] = [BestWeights(self.monitor, self.mode)]
-        if self.hparams.patience:
-            callbacks.append(
-                EarlyStopping(self.monitor, patience=self.hparams.patience, mode=self.mode, check_finite=False)
-            )
-        return callbacks
+        return fit_callbacks(self.monitor, self.mode, self.hparams.patience)

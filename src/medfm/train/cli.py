@@ -71,6 +71,31 @@ class MedfmCLI(LightningCLI):
             print(f"resuming from {last}" if last else "no last.ckpt found: starting from scratch")
 
 
+class EvaluatedCLI(MedfmCLI):
+    """After fit: test the restored best weights once, then write results, curves and the model card (rank 0)."""
+
+    def after_fit(self) -> None:
+        """Test and write the run's outputs; an interrupted fit writes nothing."""
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        # Every rank asks: under DDP, Trainer.log_dir broadcasts rank 0's folder (a collective call).
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            print(self.write_outputs(folder))
+
+    def write_outputs(self, folder: Path) -> str:
+        """Write the run's outputs into ``folder``; returns the line printed after fit."""
+        raise NotImplementedError(f"{type(self).__name__} must say how its runs write their outputs")
+
+
+def fit_summary(model: pl.LightningModule, card: str | Path) -> str:
+    """``test {metric: value}; best {…}; model card PATH``: the line printed after a fit."""
+    test = {k: round(v["value"], 4) for k, v in model.test_results.items() if k != "n"}
+    return f"test {test}; best {model.best}; model card {card}"
+
+
 def launch(
     module: type[pl.LightningModule],
     data: type[pl.LightningDataModule],

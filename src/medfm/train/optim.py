@@ -185,3 +185,15 @@ def trainer_schedule(
         per_epoch = total / max(1, trainer.max_epochs or 1)
     warmup = min(total, int(round(warmup_epochs * per_epoch)))
     return {"scheduler": warmup_cosine(optimizer, total, warmup, final_ratio), "interval": "step"}
+
+
+def grouped_optimizer(trainer: pl.Trainer, groups: list[dict], hp: Any, default_lr: float) -> dict:
+    """Lightning's optimiser dict for parameter groups with their own learning rates (empty groups dropped).
+
+    ``hp`` carries ``optimizer``, ``weight_decay``, ``momentum``, ``warmup_epochs`` and ``final_lr_ratio``;
+    the schedule is warm-up + cosine over the Trainer's run, stepped every optimiser step.
+    """
+    groups = [{**g, "weight_decay": hp.weight_decay} for g in groups if g["params"]]
+    optimizer = build_optimizer(hp.optimizer, groups, default_lr, hp.weight_decay, hp.momentum)
+    schedule = trainer_schedule(trainer, optimizer, hp.warmup_epochs, hp.final_lr_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": schedule}
