@@ -29,6 +29,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/ssl_real.py
 	$(BIN)/python benchmarks/finetune_real.py
+	$(BIN)/python benchmarks/extract2d_speed.py
+	$(BIN)/python benchmarks/detect_real.py
+	$(BIN)/python benchmarks/segment_real.py
+	$(BIN)/python benchmarks/analyze_real.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

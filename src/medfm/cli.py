@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from medfm import __version__
@@ -332,6 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    sub.add_parser(
+        "detect",
+        help="train and apply a box detector (Faster R-CNN / RetinaNet + FPN) on any 2D trunk: "
+        "`medfm detect fit --config det.yaml`, `medfm detect predict MODEL MANIFEST --out boxes.csv`",
+        add_help=False,
+    )
+    sub.add_parser(
+        "segment",
+        help="train and apply a U-Net on any pre-trained encoder, 2D or 3D: `medfm segment fit --config seg.yaml`, "
+        "`medfm segment predict MODEL MANIFEST --out DIR`",
+        add_help=False,
+    )
+    sub.add_parser(
+        "analyze",
+        help="what a model keeps and ignores: `medfm analyze invariance|saliency|perceptual|reconstruct MODEL ...`",
+        add_help=False,
+    )
+
     p = sub.add_parser("crop", help="cut seed-point patches and write them as .npy (+ NIfTI)")
     _add_manifest_args(p)
     p.add_argument("--profile", default="fmcib", help="preprocessing profile (see `medfm models`)")
@@ -499,12 +518,18 @@ def _lightning(command: str, argv: list[str]) -> int:
     else:
         from medfm.finetune.launch import run_cli
 
-    try:
-        run_cli(argv)
-    except (MedfmError, ValueError) as err:
-        print(f"medfm: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
+
+
+def _command_package(command: str, argv: list[str]) -> int:
+    """``medfm detect|segment|analyze``: each package parses its own subcommands (Lightning's for training)."""
+    if command == "detect":
+        from medfm.detect.launch import main as run
+    elif command == "segment":
+        from medfm.segment.launch import main as run
+    else:
+        from medfm.analyze.cli import main as run
+    return run(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,19 +537,26 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["pretrain"], ["finetune"]):
         return _lightning(argv[0], argv[1:])
+    if argv[:1] in (["detect"], ["segment"], ["analyze"]):
+        return _command_package(argv[0], argv[1:])
     return _run(build_parser().parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Call a parsed command, turning medfm errors into one line and exit status 2."""
+    """Call a parsed command (its ``func``), turning medfm errors into one line and exit status 2."""
+    return run_guarded(lambda: args.func(args), "finished rows are kept, continue with --resume")
+
+
+def run_guarded(command: Callable[[], object], on_interrupt: str = "") -> int:
+    """Run ``command``; a medfm error (or ValueError) becomes one line on stderr and status 2, Ctrl-C status 130."""
     warnings.filterwarnings("ignore", module="monai")
     try:
-        args.func(args)
+        command()
     except (MedfmError, ValueError) as err:
         print(f"medfm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("medfm: interrupted; finished rows are kept, continue with --resume", file=sys.stderr)
+        print("medfm: interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,210 @@
+"""What a detection run leaves behind, and how a trained detector is run on new images.
+
+In the run folder: ``results.json`` (test mAP@[thresholds], mAP@0.5, mAP@0.75 and recall with bootstrap CIs,
+per-class AP, best epoch, sizes, initialisation and its transfer coverage), ``curves.csv``/``curves.png``
+(per-epoch validation mAP and training loss), ``model.safetensors`` (the whole detector) and its card
+``model.json`` (architecture, classes, trunk, the input profile with its full definition, metrics, SHA-256).
+:func:`predict_boxes` runs a card (or a Lightning checkpoint of ``medfm detect fit``) on a manifest and writes
+boxes in each image's own pixel coordinates, with overlays of predicted and true boxes when asked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.profiles import Profile2D
+from medfm.detect.boxes import read_boxes
+from medfm.detect.data import DetectData, load_image
+from medfm.detect.module import DetectModule
+from medfm.errors import MedfmError, ModelError, RowError
+from medfm.finetune.outputs import write_curves
+from medfm.models import hub
+
+CARD_KIND = "medfm-detector"
+
+
+def _module_args(hparams: dict) -> dict:
+    """The saved hyperparameters that are :class:`DetectModule` arguments (LightningCLI adds its own keys)."""
+    names = set(inspect.signature(DetectModule.__init__).parameters) - {"self"}
+    return {k: v for k, v in hparams.items() if k in names}
+
+
+OUT_COLUMNS = ["image_path", "x_min", "y_min", "x_max", "y_max", "label", "score"]
+
+
+def write_run_outputs(module: DetectModule, data: DetectData, folder: str | os.PathLike[str]) -> Path:
+    """results.json, curves, model.safetensors and model.json of a finished run; returns the card's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hp = module.hparams
+    report = module.init_report
+    results = {
+        "arch": hp.arch,
+        "trunk": hp.trunk,
+        "classes": list(hp.classes),
+        "init": hp.init,
+        "init_coverage": getattr(report, "coverage", None),
+        "freeze": hp.freeze,
+        "train_fraction": data.hparams.train_fraction,
+        "fraction_seed": data.hparams.fraction_seed,
+        "iou_thresholds": list(module.thresholds),
+        "sizes": data.sizes(),
+        "best": module.best,
+        "test": module.test_results,
+        "per_class": module.test_per_class,
+    }
+    write_json(results, folder / "results.json")
+    write_curves(module.history, folder)
+    weights = folder / "model.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    card = {
+        "kind": CARD_KIND,
+        "hparams": _module_args(dict(hp)) | {"init": "random"},
+        "trained_from": hp.init,
+        "classes": list(hp.classes),
+        "profile": data.profile.name,
+        "profile_spec": data.profile.to_dict(),
+        "weights": weights.name,
+        "sha256": hub.sha256_of(weights),
+        "metrics": module.test_results,
+        "best": module.best,
+    }
+    return write_json(card, folder / "model.json")
+
+
+def load_detector(path: str | os.PathLike[str]) -> tuple[DetectModule, Profile2D]:
+    """The trained detector (eval mode) and its input profile, from a ``model.json`` card or a ``.ckpt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found")
+    if path.suffix == ".ckpt":
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        data = dict(checkpoint.get("datamodule_hyper_parameters", {}))
+        if "classes" not in hparams or "manifest" not in data:
+            raise ModelError(f"{path}: not a checkpoint of `medfm detect fit` (no model classes or data settings)")
+        from medfm.detect.data import detection_profile
+
+        profile = detection_profile(data.get("profile", "gray-224"), data.get("image_size"))
+        state = checkpoint["state_dict"]
+    else:
+        try:
+            card = json.loads(path.read_text())
+        except ValueError as err:
+            raise ModelError(f"{path}: not a JSON model card ({err})") from None
+        if card.get("kind") != CARD_KIND:
+            raise ModelError(f"{path}: not a detector card (kind {card.get('kind')!r})")
+        weights = path.parent / card["weights"]
+        if card.get("sha256") and hub.sha256_of(weights) != card["sha256"]:
+            raise ModelError(f"{weights}: SHA-256 differs from the card's; the file was changed or replaced")
+        hparams = dict(card["hparams"])
+        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in card["profile_spec"].items()}
+        profile = Profile2D(**spec)
+        state = load_file(str(weights))
+    hparams = _module_args(hparams) | {"init": "random"}  # the weights below replace the trunk's start
+    module = DetectModule(**hparams)
+    module.load_state_dict(state, strict=True)
+    return module.eval(), profile
+
+
+def _draw(path: str, out: Path, predicted: pd.DataFrame, truth: np.ndarray, truth_labels: list[str]) -> None:
+    """An overlay PNG: true boxes green, predicted boxes red with label and score."""
+    from PIL import Image, ImageDraw
+
+    from medfm.data.images2d import read_image2d
+
+    array = read_image2d(path).array
+    grey = array if array.ndim == 2 else array.mean(axis=2)
+    image = Image.fromarray((np.clip(grey, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    width = max(1, round(max(image.size) / 256))
+    for box, label in zip(truth, truth_labels):
+        draw.rectangle([float(v) for v in box], outline=(0, 220, 0), width=width)
+        draw.text((float(box[0]) + 2, float(box[3]) + 1), label, fill=(0, 220, 0))
+    for _, row in predicted.iterrows():
+        if pd.isna(row["x_min"]):
+            continue
+        box = [float(row[c]) for c in ("x_min", "y_min", "x_max", "y_max")]
+        draw.rectangle(box, outline=(230, 30, 30), width=width)
+        draw.text((box[0] + 2, box[1] + 1), f"{row['label']} {row['score']:.2f}", fill=(230, 30, 30))
+    with atomic_path(out) as tmp:
+        image.save(tmp, format="PNG")
+
+
+@torch.no_grad()
+def predict_boxes(
+    model_path: str | os.PathLike[str],
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    overlays: str | os.PathLike[str] | None = None,
+    score_threshold: float = 0.5,
+    format: str = "auto",
+    batch_size: int = 8,
+    on_error: str = "raise",
+) -> Path:
+    """Run a trained detector on a manifest's images; write ``image_path, x_min, y_min, x_max, y_max, label, score``
+    in each image's own pixel coordinates (the resize undone), one empty-box row for an image with no box above
+    ``score_threshold``. ``overlays``: a folder of PNGs with predicted (red) and true (green) boxes."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
+    module, profile = load_detector(model_path)
+    classes = list(module.hparams.classes)
+    boxes = read_boxes(manifest, format, classes if format != "coco" else None)
+    if on_error == "raise":
+        boxes.raise_first()
+    errors = dict(boxes.row_errors)
+    items = boxes.images()
+    rows: list[dict] = []
+    overlay_dir = Path(overlays) if overlays else None
+    for start in range(0, len(items), batch_size):
+        chunk, tensors, frames = [], [], []
+        for position, item in enumerate(items[start : start + batch_size], start=start):
+            try:
+                tensor, frame, _ = load_image(item.path, profile)
+            except MedfmError as err:
+                reason = getattr(err, "reason", str(err))
+                if on_error == "raise":
+                    raise RowError(item.rows[0], item.image_path, reason) from None
+                errors.update({r: reason for r in item.rows})
+                continue
+            chunk.append((position, item))
+            tensors.append(tensor)
+            frames.append(frame)
+        if not chunk:
+            continue
+        for (position, item), frame, det in zip(chunk, frames, module(tensors)):
+            keep = det["scores"] >= score_threshold
+            found = frame.inverse(det["boxes"][keep].numpy())
+            found[:, [0, 2]] = np.clip(found[:, [0, 2]], 0, item.width)
+            found[:, [1, 3]] = np.clip(found[:, [1, 3]], 0, item.height)
+            labels = det["labels"][keep].tolist()
+            scores = det["scores"][keep].tolist()
+            image_rows = [
+                {
+                    "image_path": item.image_path,
+                    **dict(zip(OUT_COLUMNS[1:5], map(float, box))),
+                    "label": classes[k],
+                    "score": float(s),
+                }
+                for box, k, s in zip(found, labels, scores)
+            ] or [{"image_path": item.image_path}]
+            rows.extend(image_rows)
+            if overlay_dir is not None:
+                name = f"{position:05d}_{Path(item.path).stem}.png"
+                names = [classes[k] for k in item.labels] if boxes.has_boxes else []
+                _draw(item.path, overlay_dir / name, pd.DataFrame(image_rows, columns=OUT_COLUMNS), item.boxes, names)
+    table = pd.DataFrame(rows, columns=OUT_COLUMNS)
+    path = write_table(table, out)
+    write_errors(boxes.table, errors, out)
+    return path

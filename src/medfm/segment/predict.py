@@ -1,0 +1,209 @@
+"""``medfm segment predict``: run a trained segmenter on a manifest; masks keep the source image's exact geometry.
+
+Each image goes through the model's own preprocessing (LPS axis order, the card's spacing and window; 2D: the
+profile's resize), the sliding window of the card, and back: 3D masks are resampled by nearest neighbour onto the
+source image's own voxel grid and written as NIfTI with its origin, spacing and direction (lossless when the
+model ran at the native spacing); 2D class probabilities are mapped back through the resize before the argmax and
+written as PNG at the image's size. Mask values are class indices (0 background, 1… in the card's class order).
+``--overlays`` adds PNGs: three orthogonal slices through the predicted mask's centroid (3D) or the image (2D).
+DICOM-SEG output is not written (NIfTI/PNG only).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from medfm.data.images2d import preprocess2d, read_image2d
+from medfm.data.io import Geometry, read_image, write_volume
+from medfm.data.manifest import read_table, validate_manifest
+from medfm.data.outputs import atomic_path, write_errors, write_table
+from medfm.data.profiles import Profile2D, profile_from_dict
+from medfm.errors import MedfmError, RowError
+from medfm.progress import progress_bar
+from medfm.segment.cases import hu_scaler, layout2d, prepare_volume, restore_probabilities2d
+from medfm.segment.model import infer_logits
+from medfm.segment.outputs import load_segmenter
+
+COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf")
+
+
+def _stem(path: str) -> str:
+    name = Path(path.rstrip("/")).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "image"
+
+
+def write_mask_volume(array: np.ndarray, geometry: Geometry, dest: Path) -> Path:
+    """Write a (Z, Y, X) mask with its geometry atomically (a temporary file with the same suffix, then rename)."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}" + ("".join(dest.suffixes[-2:]) or ".nii.gz"))
+    try:
+        write_volume(array, geometry, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def _overlay(slices: list[tuple[np.ndarray, np.ndarray, str]], names: list[str], dest: Path) -> Path:
+    """Grey images with their class masks in colour, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["none", *[COLOURS[i % len(COLOURS)] for i in range(len(names))]])
+    fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.4), squeeze=False)
+    for ax, (image, mask, title) in zip(axes[0], slices):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(np.ma.masked_equal(mask, 0), cmap=cmap, vmin=0, vmax=len(names), alpha=0.45, interpolation="nearest")
+        ax.set_title(title)
+        ax.axis("off")
+    fig.suptitle(", ".join(f"{i + 1} {n}" for i, n in enumerate(names)), fontsize=9)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return dest
+
+
+def orthogonal_slices(image: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, ...]) -> list[tuple]:
+    """Axial, coronal and sagittal slices of an LPS-ordered (Z, Y, X) volume through the mask's centroid."""
+    centre = np.argwhere(mask > 0).mean(axis=0) if np.any(mask) else np.array(mask.shape) / 2
+    z, y, x = (int(round(c)) for c in centre)
+    sz, sy, sx = spacing_zyx
+    # rows upward in z for coronal/sagittal views (superior at the top); aspect by spacing
+    axial = (image[z], mask[z], f"axial z={z}")
+    coronal = (np.flipud(image[:, y, :]), np.flipud(mask[:, y, :]), f"coronal y={y}")
+    sagittal = (np.flipud(image[:, :, x]), np.flipud(mask[:, :, x]), f"sagittal x={x}")
+    out = []
+    for img, msk, title in (axial, coronal, sagittal):
+        factor = (sz / sx) if "axial" not in title else (sy / sx)
+        reps = max(1, int(round(factor)))
+        out.append((np.repeat(img, reps, axis=0), np.repeat(msk, reps, axis=0), title))
+    return out
+
+
+@torch.no_grad()
+def predict_manifest(
+    card_path: str | os.PathLike[str],
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    overlays: bool = False,
+    on_error: str = "raise",
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Segment every image of a manifest (``image_path`` [+ ``series_uid``]); writes masks, overlays and
+    ``predictions.csv`` (the manifest's columns, the mask file and each class's volume in ml or area in pixels)."""
+    net, card = load_segmenter(card_path)
+    net = net.to(device)
+    profile = profile_from_dict(card["profile"], card["profile_spec"])
+    is_2d = isinstance(profile, Profile2D)
+    names = list(card["classes"])
+    roi = None if card.get("patch_size") is None else tuple(card["patch_size"])
+    overlap, sw_batch = float(card.get("overlap", 0.5)), int(card.get("sw_batch_size", 4))
+    scale = None if is_2d else hu_scaler(profile, card.get("hu_window"))
+    spacing = None if card.get("spacing") is None else tuple(card["spacing"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = str(manifest)
+    checked = validate_manifest(read_table(source), source, Path(source).resolve().parent, seeds=False)
+    errors = dict(checked.row_errors)
+    if errors and on_error == "raise":
+        row = min(errors)
+        raise RowError(row, checked.paths[row], errors[row])
+    records: dict[int, dict[str, object]] = {}
+    with progress_bar(progress) as bar:
+        task = bar.add_task("segmenting", total=len(checked.table))
+        for row, path in enumerate(checked.paths):
+            bar.advance(task)
+            if row in errors:
+                continue
+            try:
+                stem = f"{row:04d}_{_stem(path)}"
+                if is_2d:
+                    record = _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device)
+                else:
+                    record = _predict3d(
+                        net,
+                        path,
+                        checked.series_uid(row),
+                        scale,
+                        spacing,
+                        roi,
+                        overlap,
+                        sw_batch,
+                        names,
+                        out,
+                        stem,
+                        overlays,
+                        device,
+                    )
+            except MedfmError as err:
+                if on_error == "raise":
+                    raise RowError(row, path, getattr(err, "reason", str(err))) from None
+                errors[row] = getattr(err, "reason", str(err))
+                continue
+            records[row] = record
+    rows = sorted(records)
+    table = checked.table.iloc[rows].copy()
+    for key in next(iter(records.values())) if records else {}:
+        table[key] = [records[r][key] for r in rows]
+    dest = write_table(table, out / "predictions.csv")
+    write_errors(checked.table, errors, dest)
+    return dest
+
+
+def _logits(net: torch.nn.Module, x: np.ndarray, roi, overlap: float, sw_batch: int, device: str) -> torch.Tensor:  # noqa: ANN001
+    image = torch.from_numpy(x)[None].to(device)
+    return infer_logits(net, image, roi, overlap, sw_batch)[0].float().cpu()
+
+
+def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, out, stem, overlays, device) -> dict:  # noqa: ANN001
+    image = read_image(path, uid)
+    x, grid = prepare_volume(image, scale, spacing)
+    pred = _logits(net, x, roi, overlap, sw_batch, device).argmax(dim=0).numpy().astype(np.uint8)
+    on_grid = sitk.GetImageFromArray(pred)
+    on_grid.CopyInformation(grid)
+    back = sitk.Resample(on_grid, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    mask = sitk.GetArrayFromImage(back)
+    dest = write_mask_volume(mask, Geometry.of_image(image), out / f"{stem}_mask.nii.gz")
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    record: dict[str, object] = {"mask_file": dest.name}
+    for k, name in enumerate(names):
+        record[f"volume_ml/{name}"] = float(np.sum(mask == k + 1)) * voxel_ml
+    if overlays:
+        slices = orthogonal_slices(x[0], pred, tuple(grid.GetSpacing()[::-1]))
+        record["overlay_file"] = _overlay(slices, names, out / f"{stem}_overlay.png").name
+    return record
+
+
+def _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device) -> dict:  # noqa: ANN001
+    from PIL import Image
+
+    image = read_image2d(path)
+    x = preprocess2d(image, profile)
+    h, w = image.array.shape[:2]
+    prob = _logits(net, x, roi, overlap, sw_batch, device).softmax(dim=0)
+    mask = restore_probabilities2d(prob, layout2d(h, w, profile)).argmax(dim=0).numpy().astype(np.uint8)
+    dest = out / f"{stem}_mask.png"
+    with atomic_path(dest) as tmp:
+        Image.fromarray(mask).save(tmp, format="PNG")
+    record: dict[str, object] = {"mask_file": dest.name}
+    for k, name in enumerate(names):
+        record[f"area_px/{name}"] = int(np.sum(mask == k + 1))
+    if overlays:
+        grey = image.array if image.array.ndim == 2 else image.array.mean(axis=2)
+        record["overlay_file"] = _overlay([(grey, mask, Path(path).name)], names, out / f"{stem}_overlay.png").name
+    return record
