@@ -86,7 +86,8 @@ def dicom_series(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
 
 
-def _series_files(folder: str, series_uid: str | None) -> list[str]:
+def series_files(folder: str, series_uid: str | None) -> list[str]:
+    """The files of a folder's DICOM series in slice order: the one series, or the one ``series_uid`` names."""
     series = dicom_series(folder)
     if not series:
         raise VolumeError(folder, "folder holds no DICOM series")
@@ -162,7 +163,7 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> s
     try:
         if os.path.isdir(path):
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(_series_files(path, series_uid))
+            reader.SetFileNames(series_files(path, series_uid))
             image = reader.Execute()
         else:
             if path.lower().endswith((".nii", ".nii.gz")):

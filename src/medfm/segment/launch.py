@@ -68,6 +68,13 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the masks, overlays and predictions.csv")
     p.add_argument("--overlays", action="store_true", help="also write PNG overlays (3D: three orthogonal slices)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at a bad row, or skip it")
+    p.add_argument(
+        "--dicom-seg",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="also write a DICOM-SEG referencing the source series: auto (for DICOM series folders), always (any "
+        "other input is a row error) or never",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -87,7 +94,7 @@ def _predict(args: argparse.Namespace) -> None:
     from medfm.segment.predict import predict_manifest
 
     dest = predict_manifest(
-        args.card, args.manifest, args.out, args.overlays, args.on_error, args.device, not args.quiet
+        args.card, args.manifest, args.out, args.overlays, args.on_error, args.device, not args.quiet, args.dicom_seg
     )
     print(f"wrote {dest}")
 

@@ -6,7 +6,10 @@ source image's own voxel grid and written as NIfTI with its origin, spacing and 
 model ran at the native spacing); 2D class probabilities are mapped back through the resize before the argmax and
 written as PNG at the image's size. Mask values are class indices (0 background, 1… in the card's class order).
 ``--overlays`` adds PNGs: three orthogonal slices through the predicted mask's centroid (3D) or the image (2D).
-DICOM-SEG output is not written (NIfTI/PNG only).
+When the image is a DICOM series folder, a DICOM-SEG (:mod:`medfm.segment.dicomseg`) is written beside the NIfTI
+(``dicom_seg``: ``auto``; ``always`` makes any other input a row error; ``never``); its file is the ``seg_path``
+column of ``predictions.csv`` (empty where none was written). A row whose DICOM-SEG cannot be made is an error; with
+``on_error="skip"`` it keeps its NIfTI mask and its line in ``predictions.csv`` and is reported in the errors file.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from medfm.data.profiles import Profile2D, profile_from_dict
 from medfm.errors import MedfmError, RowError
 from medfm.progress import progress_bar
 from medfm.segment.cases import hu_scaler, layout2d, prepare_volume, restore_probabilities2d
+from medfm.segment.dicomseg import write_dicom_seg
 from medfm.segment.model import infer_logits
 from medfm.segment.outputs import load_segmenter
 
+DICOM_SEG_MODES = ("auto", "always", "never")
 COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf")
 
 
@@ -103,9 +108,13 @@ def predict_manifest(
     on_error: str = "raise",
     device: str = "cpu",
     progress: bool = True,
+    dicom_seg: str = "auto",
 ) -> Path:
-    """Segment every image of a manifest (``image_path`` [+ ``series_uid``]); writes masks, overlays and
-    ``predictions.csv`` (the manifest's columns, the mask file and each class's volume in ml or area in pixels)."""
+    """Segment every image of a manifest (``image_path`` [+ ``series_uid``]); writes masks, overlays, DICOM-SEG
+    and ``predictions.csv`` (the manifest's columns, the mask and DICOM-SEG files, each class's volume in ml or
+    area in pixels)."""
+    if dicom_seg not in DICOM_SEG_MODES:
+        raise ValueError(f"dicom_seg must be one of {DICOM_SEG_MODES}, got {dicom_seg!r}")
     net, card = load_segmenter(card_path)
     net = net.to(device)
     profile = profile_from_dict(card["profile"], card["profile_spec"])
@@ -120,6 +129,12 @@ def predict_manifest(
     source = str(manifest)
     checked = validate_manifest(read_table(source), source, Path(source).resolve().parent, seeds=False)
     errors = dict(checked.row_errors)
+    if dicom_seg == "always":
+        for row, path in enumerate(checked.paths):
+            if row not in errors and (is_2d or not os.path.isdir(path)):
+                what = "the model is 2D" if is_2d else "the image is not a DICOM series folder"
+                errors[row] = f"--dicom-seg always: {what}; DICOM-SEG is written for DICOM series segmented in 3D"
+    seg_info = _seg_identity(card, card_path)
     if errors and on_error == "raise":
         row = min(errors)
         raise RowError(row, checked.paths[row], errors[row])
@@ -135,7 +150,7 @@ def predict_manifest(
                 if is_2d:
                     record = _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device)
                 else:
-                    record = _predict3d(
+                    record, mask, geometry = _predict3d(
                         net,
                         path,
                         checked.series_uid(row),
@@ -155,6 +170,19 @@ def predict_manifest(
                     raise RowError(row, path, getattr(err, "reason", str(err))) from None
                 errors[row] = getattr(err, "reason", str(err))
                 continue
+            record["seg_path"] = ""
+            if not is_2d and dicom_seg != "never" and os.path.isdir(path):
+                seg = out / f"{stem}.seg.dcm"
+                try:
+                    record["seg_path"] = write_dicom_seg(
+                        mask, geometry, path, checked.series_uid(row), names, seg, **seg_info
+                    ).name
+                except MedfmError as err:
+                    seg.unlink(missing_ok=True)  # not one left from an earlier run beside the new mask
+                    reason = f"{getattr(err, 'reason', str(err))} (the NIfTI mask {record['mask_file']} was written)"
+                    if on_error == "raise":
+                        raise RowError(row, path, reason) from None
+                    errors[row] = reason
             records[row] = record
     rows = sorted(records)
     table = checked.table.iloc[rows].copy()
@@ -165,12 +193,26 @@ def predict_manifest(
     return dest
 
 
+def _seg_identity(card: dict, card_path: str | os.PathLike[str]) -> dict:
+    """How a DICOM-SEG names the model: its name, a serial (the weights' SHA-256 prefix) and parameters."""
+    encoder = str(card.get("encoder", {}).get("name", "unknown"))
+    sha = str(card.get("sha256") or "")
+    parameters = {"card": Path(card_path).name, "encoder": encoder}
+    if sha:
+        parameters["weights_sha256"] = sha
+    return {
+        "model_name": str(card.get("name") or f"U-Net on {encoder}"),
+        "serial": sha[:16] or "unknown",
+        "parameters": parameters,
+    }
+
+
 def _logits(net: torch.nn.Module, x: np.ndarray, roi, overlap: float, sw_batch: int, device: str) -> torch.Tensor:  # noqa: ANN001
     image = torch.from_numpy(x)[None].to(device)
     return infer_logits(net, image, roi, overlap, sw_batch)[0].float().cpu()
 
 
-def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, out, stem, overlays, device) -> dict:  # noqa: ANN001
+def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, out, stem, overlays, device) -> tuple:  # noqa: ANN001
     image = read_image(path, uid)
     x, grid = prepare_volume(image, scale, spacing)
     pred = _logits(net, x, roi, overlap, sw_batch, device).argmax(dim=0).numpy().astype(np.uint8)
@@ -178,7 +220,8 @@ def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, ou
     on_grid.CopyInformation(grid)
     back = sitk.Resample(on_grid, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     mask = sitk.GetArrayFromImage(back)
-    dest = write_mask_volume(mask, Geometry.of_image(image), out / f"{stem}_mask.nii.gz")
+    geometry = Geometry.of_image(image)
+    dest = write_mask_volume(mask, geometry, out / f"{stem}_mask.nii.gz")
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     record: dict[str, object] = {"mask_file": dest.name}
     for k, name in enumerate(names):
@@ -186,7 +229,7 @@ def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, ou
     if overlays:
         slices = orthogonal_slices(x[0], pred, tuple(grid.GetSpacing()[::-1]))
         record["overlay_file"] = _overlay(slices, names, out / f"{stem}_overlay.png").name
-    return record
+    return record, mask, geometry
 
 
 def _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device) -> dict:  # noqa: ANN001
