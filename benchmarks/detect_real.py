@@ -93,17 +93,7 @@ def detect(init: str, freeze: str, seed: int, args: argparse.Namespace) -> Detec
         warmup_epochs=0.5,
         n_bootstrap=args.bootstrap,
     )
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=args.epochs,
-    )
+    trainer = cpu_trainer(args.epochs, check_val_every_n_epoch=args.epochs)
     trainer.fit(module, data)
     trainer.test(module, datamodule=data, verbose=False)
     return module

@@ -20,8 +20,8 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, splits
 
 
-def cpu_trainer(epochs: int) -> pl.Trainer:
-    """A Trainer for in-process benchmark runs: CPU, no logs, checkpoints or progress bars."""
+def cpu_trainer(epochs: int, **options) -> pl.Trainer:
+    """A Trainer for in-process benchmark runs: CPU, no logs, checkpoints or progress bars (``options`` add to it)."""
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -31,6 +31,7 @@ def cpu_trainer(epochs: int) -> pl.Trainer:
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
+        **options,
     )
 
 
