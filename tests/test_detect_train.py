@@ -221,3 +221,23 @@ def test_two_ranks_score_every_image_once_like_one_process(squares_run, tmp_path
         assert one[metric].dropna().iloc[0] > 0.5  # the trained weights were loaded, not a fresh detector
         for name in (metric, metric + "_50"):
             assert two[name].dropna().iloc[0] == pytest.approx(one[name].dropna().iloc[0], abs=1e-6), name
+
+
+def test_sweep_tables_fractions_and_keeps_finished_runs(squares_run, tmp_path, one_thread, capsys):
+    folder, _, _ = squares_run
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", str(folder / "det.yaml"), "--out", str(out), "--fractions", "1", "0.5"]
+    args += ["--repeats", "1", "--", "--trainer.max_epochs=1", "--model.n_bootstrap=20"]
+    assert main(args) == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "sweep.csv")
+    assert set(table["fraction"]) == {1.0, 0.5} and set(table["seed"]) == {0}
+    assert {"map", "map_50", "map_75", "mar"} <= set(table["metric"])
+    sizes = {
+        fraction: json.loads(next((out / f"fraction_{fraction}").rglob("results.json")).read_text())["sizes"]["train"]
+        for fraction in ("1", "0.5")
+    }
+    assert sizes["0.5"]["images"] == sizes["1"]["images"] // 2  # a seeded half of the 29 training images
+    stamps = sorted(p.stat().st_mtime_ns for p in out.rglob("results.json"))
+    assert main(args) == 0  # finished runs are read back, not trained again
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("results.json")) == stamps
+    assert pd.read_csv(out / "sweep.csv").equals(table)

@@ -485,34 +485,15 @@ def _pretrain_export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _finetune_sweep(args: argparse.Namespace) -> None:
-    from medfm.finetune.launch import sweep
-
-    table = sweep(args.config, args.out, args.fractions, args.repeats, args.extra)
-    summary = table.groupby(["metric", "fraction"])["value"].agg(["mean", "std", "count"])
-    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {Path(args.out) / 'sweep.csv'}")
-
-
-def _finetune_sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="medfm finetune sweep", description="fine-tune at several training fractions and seeds; one table"
-    )
-    p.add_argument("--config", required=True, help="the task's YAML config (as for `medfm finetune fit`)")
-    p.add_argument("--out", required=True, help="folder of the runs and sweep.csv")
-    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
-    p.add_argument("--repeats", type=int, default=3, help="seeds per fraction")
-    p.add_argument("extra", nargs="*", help="more overrides after --, e.g. -- --model.init=published")
-    p.set_defaults(func=_finetune_sweep)
-    return p
-
-
 def _lightning(command: str, argv: list[str]) -> int:
     """``medfm pretrain|finetune``: export / sweep here; fit, --print_config, … go to LightningCLI."""
     if command == "pretrain" and argv[:1] == ["export"]:
         return _run(_pretrain_export_parser().parse_args(argv[1:]))
     if command == "finetune" and argv[:1] == ["sweep"]:
-        return _run(_finetune_sweep_parser().parse_args(argv[1:]))
+        from medfm.finetune.launch import run_sweep, sweep_parser
+
+        args = sweep_parser("finetune").parse_args(argv[1:])
+        return run_guarded(lambda: run_sweep(args), "finished runs are kept; the same sweep goes on from there")
     if command == "pretrain":
         from medfm.pretrain.launch import run_cli
     else:

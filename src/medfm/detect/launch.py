@@ -42,7 +42,8 @@ def run_cli(args: list[str] | None = None) -> MedfmCLI:
         default_root="outputs/detect",
         cli_class=DetectCLI,
         description="Box detection (Faster R-CNN / RetinaNet + FPN) on any 2D trunk: `fit --config det.yaml` "
-        "(configs/detect/). Predict: `medfm detect predict MODEL_CARD_OR_CKPT MANIFEST --out boxes.csv`.",
+        "(configs/detect/). Predict: `medfm detect predict MODEL_CARD_OR_CKPT MANIFEST --out boxes.csv`. Fractions × "
+        "seeds: `medfm detect sweep --config det.yaml --out DIR --fractions 1 0.1 --repeats 3`.",
     )
 
 
@@ -82,12 +83,19 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``medfm detect``: ``predict`` here; fit, validate, --print_config, --help go to LightningCLI. Exit status."""
+    """``medfm detect``: ``predict`` and ``sweep`` here; fit, validate, --print_config, --help go to LightningCLI."""
     from medfm.cli import run_guarded
 
     if argv[:1] == ["predict"]:
         args = predict_parser().parse_args(argv[1:])
         return run_guarded(lambda: _predict(args))
+    if argv[:1] == ["sweep"]:
+        from medfm.finetune.launch import run_sweep, sweep_parser
+
+        args = sweep_parser("detect").parse_args(argv[1:])
+        return run_guarded(
+            lambda: run_sweep(args, run_cli), "finished runs are kept; the same sweep goes on from there"
+        )
     return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
 
 

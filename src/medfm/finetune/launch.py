@@ -8,6 +8,7 @@ and writes one table of test metrics.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable
@@ -93,4 +94,28 @@ def sweep(
                 )
     table = pd.DataFrame(records)
     write_table(table, out / "sweep.csv")
+    return table
+
+
+def sweep_parser(command: str) -> argparse.ArgumentParser:
+    """The arguments of ``medfm COMMAND sweep`` (finetune, detect, segment all sweep the same way)."""
+    p = argparse.ArgumentParser(
+        prog=f"medfm {command} sweep",
+        description="train at several training fractions and seeds; one table of test metrics (sweep.csv); "
+        "finished runs are kept, so the same command goes on after an interruption",
+    )
+    p.add_argument("--config", required=True, help=f"the task's YAML config (as for `medfm {command} fit`)")
+    p.add_argument("--out", required=True, help="folder of the runs and sweep.csv")
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1], help="training fractions (1 0.1)")
+    p.add_argument("--repeats", type=int, default=3, help="seeds per fraction")
+    p.add_argument("extra", nargs="*", help="more overrides after --, e.g. -- --model.init=published")
+    return p
+
+
+def run_sweep(args: argparse.Namespace, runner: Callable[[list[str]], object] | None = None) -> pd.DataFrame:
+    """Run a parsed sweep (``runner``: the command's training entry point) and print mean ± sd per metric."""
+    table = sweep(args.config, args.out, args.fractions, args.repeats, args.extra, runner=runner)
+    summary = table.groupby(["metric", "fraction"])["value"].agg(["mean", "std", "count"])
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {Path(args.out) / 'sweep.csv'}")
     return table

@@ -80,15 +80,6 @@ def _predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medfm segment sweep", description="train at several fractions and seeds")
-    p.add_argument("--config", required=True, help="the task's YAML config (as for `medfm segment fit`)")
-    p.add_argument("--out", required=True, help="folder of the runs and sweep.csv")
-    p.add_argument("--fractions", type=float, nargs="+", default=[1.0], help="training fractions")
-    p.add_argument("--repeats", type=int, default=3, help="seeds per fraction")
-    return p
-
-
 def _predict(args: argparse.Namespace) -> None:
     """Segment a manifest with a trained model and say where the masks went."""
     from medfm.segment.predict import predict_manifest
@@ -99,14 +90,6 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"wrote {dest}")
 
 
-def _sweep(args: argparse.Namespace) -> None:
-    """Train at each fraction × seed and print the Dice table."""
-    from medfm.finetune.launch import sweep
-
-    table = sweep(args.config, args.out, args.fractions, args.repeats, runner=run_cli)
-    print(table[table["metric"] == "dice"].to_string(index=False))
-
-
 def main(argv: list[str]) -> int:
     """``medfm segment …``: ``predict`` and ``sweep`` here; ``fit``, ``validate``, ``--help`` … go to LightningCLI."""
     from medfm.cli import run_guarded
@@ -115,8 +98,12 @@ def main(argv: list[str]) -> int:
         args = _predict_parser().parse_args(argv[1:])
         return run_guarded(lambda: _predict(args))
     if argv[:1] == ["sweep"]:
-        args = _sweep_parser().parse_args(argv[1:])
-        return run_guarded(lambda: _sweep(args), "finished runs are kept; the same sweep goes on from there")
+        from medfm.finetune.launch import run_sweep, sweep_parser
+
+        args = sweep_parser("segment").parse_args(argv[1:])
+        return run_guarded(
+            lambda: run_sweep(args, run_cli), "finished runs are kept; the same sweep goes on from there"
+        )
     return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
 
 
