@@ -65,10 +65,21 @@ def _extract(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         profile=args.profile,
         in_channels=args.in_channels,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
     )
+    if not _is_rank_zero():
+        return
     print(f"wrote features of {result.n_rows} rows to {result.features} (provenance: {result.sidecar})")
     if result.errors_file:
         print(f"{len(result.errors)} bad rows in {result.errors_file}")
+
+
+def _is_rank_zero() -> bool:
+    """False in the further processes of a multi-device run (they stay quiet)."""
+    from medfm.data.training import world
+
+    return world()[0] == 0
 
 
 def _weights(args: argparse.Namespace) -> None:
@@ -367,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="FEATURES.parquet or FEATURES.csv")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--devices", type=int, default=1, help="processes, one per device (DDP through Lightning Fabric)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines, each running --devices processes")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--column-prefix", default="feat_", help="feature column prefix (FMCIB's own: pred_)")
     p.add_argument("--profile", help="preprocess with this profile instead of the model's (e.g. gray-224)")

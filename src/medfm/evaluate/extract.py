@@ -3,6 +3,10 @@
 Volumes are read once each, in worker processes that run ahead of the network; finished rows are written
 to ``NAME.partial/`` as they complete so an interrupted run continues with ``resume=True``; the final table
 (manifest columns + features) and its JSON sidecar are written atomically.
+
+With ``devices`` (and ``num_nodes``) above one, Lightning Fabric starts one process per device (DDP; gloo on the
+CPU). The volumes are dealt out round-robin, each process writes its own parts into the shared ``.partial/``
+folder, and rank 0 joins them into the one table in manifest order: the same table a single process writes.
 """
 
 from __future__ import annotations
@@ -13,15 +17,25 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import medfm
 from medfm.data.datasets import auto_workers, iter_volume_items, stack_patches
 from medfm.data.manifest import Manifest
-from medfm.data.outputs import atomic_path, sidecar_path, stem_of, write_errors, write_feature_table, write_json
+from medfm.data.outputs import (
+    atomic_path,
+    errors_path,
+    sidecar_path,
+    stem_of,
+    write_errors,
+    write_feature_table,
+    write_json,
+)
 from medfm.data.profiles import Profile, Profile2D, get_profile
 from medfm.errors import MedfmError
 from medfm.models.registry import PUBLISHED, LoadedModel, load_model
@@ -70,6 +84,53 @@ class FeatureRunner:
         with ctx:
             out = self.model(batch)
         return out.float().cpu().numpy()
+
+
+@dataclass
+class Workers:
+    """The processes of one extraction: this one's rank, how many there are, its device, and the Fabric (or None)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "auto"
+    fabric: object | None = None
+
+    def share(self, manifest: Manifest, rows: list[int]) -> list[int]:
+        """This process's rows: whole volumes (or images), dealt round-robin in manifest order."""
+        if self.world == 1:
+            return rows
+        by_path: dict[str, list[int]] = {}
+        for row in rows:
+            by_path.setdefault(manifest.paths[row], []).append(row)
+        groups = list(by_path.values())
+        return sorted(r for i, group in enumerate(groups) if i % self.world == self.rank for r in group)
+
+    def gather(self, value: object) -> list[object]:
+        """Every process's ``value``, in rank order (a collective: all processes must call it)."""
+        if self.world == 1:
+            return [value]
+        values: list[object] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+
+def start_workers(devices: int = 1, num_nodes: int = 1, device: str = "auto") -> Workers:
+    """One process per device through Lightning Fabric (DDP) when more than one is asked for; else this process."""
+    if devices < 1 or num_nodes < 1:
+        raise MedfmError(f"devices={devices}, num_nodes={num_nodes}: both must be at least 1")
+    if devices * num_nodes == 1:
+        return Workers(device=device)
+    if device not in ("auto", "cpu", "cuda", "gpu"):
+        raise MedfmError(f"--device {device} names one device; with --devices {devices} give auto, cpu or cuda")
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    accelerator = "cpu" if device == "cpu" or not torch.cuda.is_available() else "gpu"
+    # a long timeout: ranks wait for each other only at the start and the end, and shards may differ in length
+    strategy = DDPStrategy(timeout=timedelta(hours=12))
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+    fabric.launch()  # re-runs this command line once per further device; returns in every process
+    return Workers(fabric.global_rank, fabric.world_size, str(fabric.device), fabric)
 
 
 def _partial_dir(out: Path) -> Path:
@@ -136,6 +197,8 @@ def extract_features(
     progress: bool = True,
     profile: str | None = None,
     in_channels: int | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
 ) -> ExtractResult:
     """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``.
 
@@ -143,8 +206,11 @@ def extract_features(
     ``num_workers=None`` chooses: reading in the main process on CPU, reader processes ahead of a GPU.
     ``profile`` replaces the model's own preprocessing profile (e.g. ``gray-224`` for grey images) and
     ``in_channels`` its first convolution (e.g. 1, with the weights' channels summed in).
+    ``devices``/``num_nodes`` above one run one process per device (Lightning Fabric, DDP); every process
+    returns the same result, rank 0 writes the files.
     """
     out = Path(out)
+    workers = start_workers(devices, num_nodes, device)
     if random_init and weights not in (None, PUBLISHED):
         raise MedfmError("give either --weights or --random-init, not both")
     if isinstance(model, LoadedModel):
@@ -153,7 +219,7 @@ def extract_features(
         loaded = load_model(
             model, None if random_init else weights, min_coverage=min_coverage, seed=seed, in_channels=in_channels
         )
-    runner = FeatureRunner(loaded.model, device=device, precision=precision)
+    runner = FeatureRunner(loaded.model, device=workers.device, precision=precision)
     if num_workers is None:
         num_workers = auto_workers(runner.device.type)
     chosen = get_profile(profile or loaded.entry.profile)
@@ -162,11 +228,21 @@ def extract_features(
     profile = chosen
     partial = _partial_dir(out)
     state = _state(manifest, loaded, column_prefix, profile)
-    parts = _done_rows(partial, state, manifest, resume)
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json(state, partial / "state.json")
+    problem = None
+    if workers.rank == 0:  # rank 0 checks (or clears) what an earlier run left; the others then read it
+        try:
+            _done_rows(partial, state, manifest, resume)
+            partial.mkdir(parents=True, exist_ok=True)
+            write_json(state, partial / "state.json")
+        except MedfmError as err:
+            problem = str(err)
+    problem = workers.gather(problem)[0]
+    if problem:
+        raise MedfmError(problem)
+    parts = _done_rows(partial, state, manifest, resume=True)
     done = {int(r) for part in parts for r in part["rows"]}
-    todo = [r for r in range(len(manifest)) if r not in done]
+    todo = workers.share(manifest, [r for r in range(len(manifest)) if r not in done])
+    part_name = "part-{n:05d}.npz" if workers.world == 1 else f"part-r{workers.rank:03d}-{{n:05d}}.npz"
 
     errors: dict[int, str] = {}
     pending: list[tuple[int, np.ndarray]] = []
@@ -186,7 +262,7 @@ def extract_features(
             "paths": np.asarray([manifest.paths[r] for r in finished_rows]),
             "features": np.concatenate(finished_feats),
         }
-        with atomic_path(partial / f"part-{len(parts):05d}.npz") as tmp:
+        with atomic_path(partial / part_name.format(n=len(parts))) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **part)
         parts.append(part)
@@ -194,8 +270,11 @@ def extract_features(
         finished_feats.clear()
 
     start = time.perf_counter()
-    with progress_bar(progress) as bar:
-        task = bar.add_task("extracting", total=len(manifest), completed=len(done))
+    failure: MedfmError | None = None
+    label = "extracting" if workers.world == 1 else f"extracting (rank 0's share of {workers.world})"
+    with progress_bar(progress and workers.rank == 0) as bar:
+        total = len(manifest) if workers.world == 1 else len(todo)
+        task = bar.add_task(label, total=total, completed=len(done) if workers.world == 1 else 0)
         try:
             for item in iter_volume_items(manifest, profile, rows=todo, num_workers=num_workers, on_error=on_error):
                 errors.update(item.errors)
@@ -211,8 +290,27 @@ def extract_features(
                 run_batch(pending)
                 bar.advance(task, len(pending))
                 pending.clear()
+        except MedfmError as err:  # a bad row with on_error="raise": the other processes must hear of it
+            if workers.world == 1:
+                raise
+            failure = err
         finally:
             flush()  # whatever finished is kept for --resume, even when a bad row stops the run
+
+    if workers.world > 1:
+        reports = workers.gather((errors, str(failure) if failure else None))
+        errors = {row: reason for report, _ in reports for row, reason in report.items()}
+        failures = [message for _, message in reports if message]
+        if failure is not None:
+            raise failure
+        if failures:
+            raise MedfmError(f"another process stopped at a bad row: {failures[0]}")
+        parts = _done_rows(partial, state, manifest, resume=True)  # every process's parts, from the shared folder
+        if workers.rank != 0:
+            workers.gather(None)  # wait until rank 0 has written the files
+            return ExtractResult(
+                out, sidecar_path(out), errors_path(out) if errors else None, len(manifest) - len(errors), errors
+            )
 
     rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
@@ -240,11 +338,14 @@ def extract_features(
             "errors_file": str(errors_file) if errors_file else None,
             "precision": precision,
             "device": str(runner.device),
+            "processes": workers.world,
             "seconds": round(time.perf_counter() - start, 3),
         },
         sidecar_path(out),
     )
     shutil.rmtree(partial, ignore_errors=True)
+    if workers.world > 1:
+        workers.gather(None)  # the files are written: the other processes may return
     return ExtractResult(out, sidecar, errors_file, len(rows), errors)
 
 
