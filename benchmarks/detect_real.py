@@ -11,8 +11,8 @@ train on fixed features; ``--arms`` adds random/trunk), for ``--seeds`` seeds (t
 Printed per arm: test mAP@[.40:.75] (RSNA-pneumonia style) mean ± sd over seeds, seed 0's 95% bootstrap CI over
 images, mAP@0.5 mean ± sd, recall, and the seconds per run. Validation runs once, after the last epoch.
 
-Run: ``.venv/bin/python benchmarks/detect_real.py [--seeds 3 --epochs 3 --size 96 --train-fraction 0.5]``
-(about 10 minutes on 2 CPU cores; images are decoded once per process and shared by the runs). One intra-op
+Run: ``.venv/bin/python benchmarks/detect_real.py [--seeds 3 --epochs 8 --size 96 --train-fraction 0.5]``
+(about 15 minutes on 2 CPU cores; images are decoded once per process and shared by the runs). One intra-op
 thread is the default: on a 2-core machine that others share, two OpenMP threads run several times slower.
 """
 
@@ -102,7 +102,7 @@ def detect(init: str, freeze: str, seed: int, args: argparse.Namespace) -> Detec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3, help="detection epochs")
+    parser.add_argument("--epochs", type=int, default=8, help="detection epochs")
     parser.add_argument("--size", type=int, default=96, help="input side in pixels (the slices are 512²)")
     parser.add_argument("--train-fraction", type=float, default=0.5, help="share of the training images")
     parser.add_argument("--pretrain-epochs", type=int, default=2, help="supervised PneumoniaMNIST epochs")
