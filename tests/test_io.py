@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
 from medfm.data.io import Geometry, dicom_series, read_geometry, read_volume, write_volume
+from medfm.data.manifest import read_manifest
 from medfm.errors import VolumeError
 
 FLIP_X = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -292,3 +294,10 @@ def test_a_series_with_an_empty_uid_can_be_chosen(tmp_path, need_shared):
         read_volume(folder)
     assert read_volume(folder, series_uid="").geometry.size[2] == 8
     assert read_volume(folder, series_uid=other).geometry.size[2] == 12
+    # a CSV cannot hold "": the name the error lists chooses it there
+    pd.DataFrame(
+        {"image_path": [str(folder)] * 2, "series_uid": ["<empty UID>", other], "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0}
+    ).to_csv(tmp_path / "m.csv", index=False)
+    manifest = read_manifest(tmp_path / "m.csv")
+    assert [manifest.series_uid(r) for r in range(2)] == ["", other]
+    assert [len(rows) for _, _, rows in manifest.volumes()] == [1, 1]

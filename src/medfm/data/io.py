@@ -86,6 +86,9 @@ def dicom_series(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
 
 
+EMPTY_UID = "<empty UID>"  # how a series whose SeriesInstanceUID is empty is listed, and chosen in a CSV manifest
+
+
 def series_files(folder: str, series_uid: str | None) -> list[str]:
     """The files of a folder's DICOM series in slice order: the one series, or the one ``series_uid`` names."""
     series = dicom_series(folder)
@@ -96,7 +99,7 @@ def series_files(folder: str, series_uid: str | None) -> list[str]:
             raise VolumeError(folder, f"series {series_uid} not found; the folder holds {sorted(series)}")
         return series[series_uid]
     if len(series) > 1:
-        listing = ", ".join(f"{uid or '<empty UID>'} ({len(f)} files)" for uid, f in sorted(series.items()))
+        listing = ", ".join(f"{uid or EMPTY_UID} ({len(f)} files)" for uid, f in sorted(series.items()))
         raise VolumeError(folder, f"folder holds {len(series)} DICOM series, choose one with series_uid: {listing}")
     return next(iter(series.values()))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medfm.data.io import Geometry, read_geometry
+from medfm.data.io import EMPTY_UID, Geometry, read_geometry
 from medfm.errors import ManifestError, MedfmError
 
 COORD_COLUMNS = ("coordX", "coordY", "coordZ")
@@ -45,7 +45,10 @@ class Manifest:
         if SERIES_COLUMN not in self.table.columns:
             return None
         value = self.table[SERIES_COLUMN].iloc[row]
-        return None if pd.isna(value) else str(value)  # "" (from Parquet) chooses a series whose UID is empty
+        if pd.isna(value):
+            return None
+        # a series whose UID is empty: "" from Parquet, or "<empty UID>" as the listing names it (a CSV cannot say "")
+        return "" if str(value).strip() == EMPTY_UID else str(value)
 
     def volumes(self, rows: list[int] | None = None) -> list[tuple[str, str | None, list[int]]]:
         """Group rows by the volume they read: (path, series uid, rows) in order of first appearance."""
