@@ -26,6 +26,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_speed.py
 	$(BIN)/python benchmarks/extract_devices.py
+	$(BIN)/python benchmarks/dicom_region.py
 	$(BIN)/python benchmarks/probe_real.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 	$(BIN)/python benchmarks/ssl_real.py

@@ -47,3 +47,21 @@ def test_region_reads_equal_whole_volume_crops(tmp_path):
         assert item.rows == [0, 1, 2, 3, 4] and not item.errors
         for row, patch in zip(item.rows, item.patches):
             np.testing.assert_allclose(patch, crop_patch(volume, seeds[row], profile), rtol=0, atol=1e-6)
+
+
+def test_patches_of_a_dicom_stack_read_by_the_box_equal_whole_series_crops(tmp_path):
+    from test_segment_dicomseg import write_series  # oblique, shuffled files, InstanceNumbers out of order
+
+    write_series(tmp_path / "series")
+    volume = read_volume(tmp_path / "series")
+    indices = [(10, 8, 3), (0.5, 1.5, 0.2), (19, 15, 5), (7.25, 11.5, 2.5)]  # interior, corners, between voxels
+    seeds = [volume.geometry.index_to_world(np.array(i, float)) for i in indices]
+    pd.DataFrame({"image_path": "series", **{c: [s[k] for s in seeds] for k, c in enumerate(("coordX", "coordY", "coordZ"))}}).to_csv(
+        tmp_path / "m.csv", index=False
+    )  # fmt: skip
+    manifest = read_manifest(tmp_path / "m.csv")
+    for profile in (FMCIB, FMCIB_CENTRED):
+        item = VolumePatches(manifest, profile)[0]
+        assert item.rows == [0, 1, 2, 3] and not item.errors
+        for row, patch in zip(item.rows, item.patches):
+            np.testing.assert_allclose(patch, crop_patch(volume, seeds[row], profile), rtol=0, atol=1e-5)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from medfm.data.io import Geometry, dicom_series, read_geometry, read_volume, write_volume
+from medfm.data.io import (
+    Geometry,
+    dicom_series,
+    dicom_stack,
+    read_geometry,
+    read_stack_region,
+    read_volume,
+    write_volume,
+)
 from medfm.data.manifest import read_manifest
 from medfm.errors import VolumeError
 
@@ -294,6 +304,9 @@ def test_a_series_with_an_empty_uid_can_be_chosen(tmp_path, need_shared):
         read_volume(folder)
     assert read_volume(folder, series_uid="").geometry.size[2] == 8
     assert read_volume(folder, series_uid=other).geometry.size[2] == 12
+    assert dicom_stack(folder) is None  # two series and none chosen: read_image's error decides
+    assert dicom_stack(folder, series_uid="").geometry.size[2] == 8
+    assert dicom_stack(folder, series_uid=other).geometry == read_volume(folder, series_uid=other).geometry
     # a CSV cannot hold "": the name the error lists chooses it there
     pd.DataFrame(
         {"image_path": [str(folder)] * 2, "series_uid": ["<empty UID>", other], "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0}
@@ -301,3 +314,47 @@ def test_a_series_with_an_empty_uid_can_be_chosen(tmp_path, need_shared):
     manifest = read_manifest(tmp_path / "m.csv")
     assert [manifest.series_uid(r) for r in range(2)] == ["", other]
     assert [len(rows) for _, _, rows in manifest.volumes()] == [1, 1]
+
+
+def _same_geometry(a: Geometry, b: Geometry) -> None:
+    assert a.size == b.size
+    np.testing.assert_allclose(a.spacing, b.spacing, atol=1e-5)
+    np.testing.assert_allclose(a.origin, b.origin, atol=1e-4)
+    np.testing.assert_allclose(a.direction, b.direction, atol=1e-6)
+
+
+BOXES = [((0, 0, 0), None), ((3, 5, 2), (10, 7, 1)), ((1, 2, -3), (5, 6, 3))]  # None: the whole; -3: from the end
+
+
+def _check_boxes(folder, uid=None) -> None:
+    whole = read_volume(folder, uid)
+    stack = dicom_stack(folder, uid)
+    assert stack is not None
+    _same_geometry(stack.geometry, whole.geometry)  # the headers describe what ITK reads
+    nx, ny, nz = whole.geometry.size
+    for start, size in BOXES:
+        size = size or (nx, ny, nz)
+        start = (start[0], start[1], start[2] % nz)
+        region = read_stack_region(stack, start, size)
+        (x0, y0, z0), (sx, sy, sz) = start, size
+        np.testing.assert_array_equal(region.array, whole.array[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx])
+        assert region.array.dtype == whole.array.dtype
+        _same_geometry(region.geometry, Geometry(size, whole.geometry.spacing,
+                       tuple(whole.geometry.index_to_world(np.asarray(start, float))), whole.geometry.direction))  # fmt: skip
+
+
+def test_an_oblique_shuffled_dicom_stack_is_read_by_the_box(tmp_path):
+    from test_segment_dicomseg import write_series  # an oblique series, files shuffled, InstanceNumbers out of order
+
+    write_series(tmp_path / "series")
+    _check_boxes(tmp_path / "series")
+    (in_slice_order,) = dicom_series(tmp_path / "series").values()
+    gapped = tmp_path / "gapped"
+    gapped.mkdir()
+    for f in in_slice_order[:2] + in_slice_order[3:]:  # the third slice is missing
+        (gapped / Path(f).name).write_bytes(Path(f).read_bytes())
+    assert dicom_stack(gapped) is None  # a missing slice: not evenly spaced, so the series is read whole
+
+
+def test_the_real_ct_series_is_read_by_the_box(need_shared):
+    _check_boxes(need_shared(*DICOM_CT))

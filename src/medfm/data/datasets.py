@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medfm.data.images2d import intensity_warning2d, preprocess2d, read_image2d
-from medfm.data.io import Geometry, read_geometry, read_region, read_volume
+from medfm.data.io import Geometry, dicom_stack, read_geometry, read_region, read_stack_region, read_volume
 from medfm.data.manifest import Manifest
 from medfm.data.patches import PatchPlan, plan_patch, sample_patch, source_region
 from medfm.data.profiles import Profile, Profile2D
@@ -49,16 +49,19 @@ class VolumePatches(Dataset):
         item = VolumeItem()
         plans: dict[int, PatchPlan] = {}
         try:
-            # Files: plan from the header, then read only the box the patches need. DICOM folders: read the series.
-            volume = read_volume(path, uid) if os.path.isdir(path) else None
-            geometry = volume.geometry if volume else read_geometry(path)
+            # Plan from the header, then read only the box the patches need: of a file, or of the slices of an evenly
+            # spaced DICOM stack. Any other DICOM series is read whole.
+            stack = dicom_stack(path, uid) if os.path.isdir(path) else None
+            volume = read_volume(path, uid) if os.path.isdir(path) and stack is None else None
+            geometry = volume.geometry if volume else stack.geometry if stack else read_geometry(path)
             for row in rows:
                 try:
                     plans[row] = plan_patch(geometry, self.manifest.seeds_lps[row], self.profile)
                 except MedfmError as err:
                     item.errors[row] = str(err)
             if plans and volume is None:
-                volume = read_region(path, *source_region(geometry, list(plans.values())))
+                box = source_region(geometry, list(plans.values()))
+                volume = read_stack_region(stack, *box) if stack else read_region(path, *box)
         except MedfmError as err:
             reason = str(getattr(err, "reason", err))
             item.errors.update({r: reason for r in rows if r not in item.errors})

@@ -12,11 +12,15 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from medfm.errors import VolumeError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -102,6 +106,101 @@ def series_files(folder: str, series_uid: str | None) -> list[str]:
         listing = ", ".join(f"{uid or EMPTY_UID} ({len(f)} files)" for uid, f in sorted(series.items()))
         raise VolumeError(folder, f"folder holds {len(series)} DICOM series, choose one with series_uid: {listing}")
     return next(iter(series.values()))
+
+
+STACK_TOLERANCE = 1e-3  # of the slice spacing: how far a slice may sit from the evenly spaced stack
+
+
+@dataclass(frozen=True)
+class DicomStack:
+    """A single-frame DICOM series as one evenly spaced stack: its geometry from the headers, files in slice order."""
+
+    folder: str
+    files: tuple[str, ...]
+    geometry: Geometry
+
+
+def dicom_stack(folder: str | os.PathLike[str], series_uid: str | None = None) -> DicomStack | None:
+    """The series that :func:`read_image` would read, described from its headers alone (pydicom, no pixel data), so
+    that a box of it can be read without decoding every slice; None when the folder does not hold one clearly chosen,
+    evenly spaced, parallel stack of single-frame images (such a series is read whole, with read_image's errors)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    folder = str(folder)
+    tags = ["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+            "NumberOfFrames"]  # fmt: skip
+    series: dict[str, list[tuple[str, Dataset]]] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+            continue  # not DICOM: the series reader ignores it too
+        if "SeriesInstanceUID" in header:
+            series.setdefault(str(header.SeriesInstanceUID or ""), []).append((path, header))
+    if series_uid is None and len(series) == 1:
+        chosen = next(iter(series.values()))
+    elif series_uid is not None and series_uid in series:
+        chosen = series[series_uid]
+    else:
+        return None
+    if len(chosen) < 2:
+        return None
+    try:
+        orientations = np.asarray([[float(v) for v in h.ImageOrientationPatient] for _, h in chosen])
+        positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for _, h in chosen])
+        spacing_rc = [float(v) for v in chosen[0][1].PixelSpacing]
+        frames = {int(h.get("NumberOfFrames") or 1) for _, h in chosen}
+        shapes = {(int(h.Rows), int(h.Columns)) for _, h in chosen}
+    except (AttributeError, TypeError, ValueError):
+        return None  # a header lacks what a stack needs
+    if frames != {1} or len(shapes) != 1 or np.ptp(orientations, axis=0).max() > 1e-4:
+        return None
+    row, col = orientations[0, :3], orientations[0, 3:]
+    order = np.argsort(positions @ np.cross(row, col), kind="stable")  # slice order along the normal, as GDCM sorts
+    positions = positions[order]
+    step = (positions[-1] - positions[0]) / (len(chosen) - 1)
+    dz = float(np.linalg.norm(step))
+    expected = positions[0] + np.outer(np.arange(len(chosen)), step)
+    if dz <= 0 or np.abs(positions - expected).max() > STACK_TOLERANCE * dz:
+        return None
+    ((rows, columns),) = shapes
+    direction = np.column_stack([row, col, step / dz])  # ITK: the slice axis runs from the first file to the last
+    geometry = Geometry(
+        size=(columns, rows, len(chosen)),
+        spacing=(spacing_rc[1], spacing_rc[0], dz),
+        origin=tuple(float(v) for v in positions[0]),
+        direction=tuple(direction.ravel().tolist()),
+    )
+    return DicomStack(folder, tuple(chosen[k][0] for k in order), geometry)
+
+
+def read_stack_region(stack: DicomStack, start_xyz: tuple[int, int, int], size_xyz: tuple[int, int, int]) -> Volume:
+    """Read only a box of a DICOM stack: the slices it spans are decoded, the rest are not opened."""
+    (x0, y0, z0), (sx, sy, sz) = (tuple(int(v) for v in start_xyz), tuple(int(v) for v in size_xyz))
+    n = len(stack.files)
+    if sz < 1 or z0 < 0 or z0 + sz > n:
+        raise VolumeError(stack.folder, f"slices {z0}…{z0 + sz - 1} asked of a {n}-slice series")
+    first = min(z0, n - 2)  # ITK reads a series of at least two slices as a volume
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(stack.files[first : max(z0 + sz, first + 2)]))
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise _unreadable(stack.folder, err) from None
+    array = sitk.GetArrayFromImage(_check_3d(image, stack.folder))
+    array = array[z0 - first : z0 - first + sz, y0 : y0 + sy, x0 : x0 + sx]
+    full = stack.geometry
+    origin = full.index_to_world(np.asarray([x0, y0, z0], dtype=float))
+    geometry = Geometry((sx, sy, sz), full.spacing, tuple(float(v) for v in origin), full.direction)
+    return Volume(array=np.ascontiguousarray(array), geometry=geometry, path=stack.folder)
 
 
 def _is_gzip(path: str) -> bool:
