@@ -8,10 +8,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @contextlib.contextmanager
@@ -27,6 +30,16 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_weights(module: nn.Module, dest: str | os.PathLike[str]) -> Path:
+    """Write a module's state dict as safetensors (CPU, contiguous copies), atomically; returns ``dest``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    with atomic_path(dest) as tmp:
+        save_file(state, str(tmp))
+    return Path(dest)
 
 
 def write_table(table: pd.DataFrame, dest: str | os.PathLike[str]) -> Path:

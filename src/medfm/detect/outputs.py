@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.outputs import atomic_path, write_errors, write_json, write_table, write_weights
 from medfm.data.profiles import Profile2D
 from medfm.detect.boxes import read_boxes
 from medfm.detect.data import DetectData, load_image
@@ -64,10 +64,7 @@ def write_run_outputs(module: DetectModule, data: DetectData, folder: str | os.P
     }
     write_json(results, folder / "results.json")
     write_curves(module.history, folder)
-    weights = folder / "model.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
+    weights = write_weights(module, folder / "model.safetensors")
     card = {
         "kind": CARD_KIND,
         "hparams": _module_args(dict(hp)) | {"init": "random"},

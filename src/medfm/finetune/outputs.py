@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from medfm.data.augment import build_view
 from medfm.data.datasets import iter_volume_items
 from medfm.data.manifest import read_manifest
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.outputs import atomic_path, write_errors, write_json, write_table, write_weights
 from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
 from medfm.errors import ModelError
 from medfm.finetune.data import FinetuneData
@@ -93,10 +93,7 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
     }
     write_json(results, folder / "results.json")
     write_curves(module.history, folder)
-    weights = folder / "model.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
+    weights = write_weights(module, folder / "model.safetensors")
     profile = get_profile(data.hparams.profile) if data.hparams.manifest else None
     card = {
         "kind": CARD_KIND,

@@ -239,15 +239,11 @@ def save_transferred(
 
     ``W.safetensors`` gets ``W.json``.
     """
-    from safetensors.torch import save_file
-
-    from medfm.data.outputs import atomic_path, write_json
+    from medfm.data.outputs import write_json, write_weights
 
     dest = Path(dest)
     if dest.suffix != ".safetensors":
         raise CheckpointError(f"{dest}: the output must be a .safetensors file")
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(dest) as tmp:
-        save_file(state, str(tmp))
+    write_weights(model, dest)
     sidecar = write_json({**(provenance or {}), "weights": str(dest), **report.to_dict()}, dest.with_suffix(".json"))
     return dest, sidecar

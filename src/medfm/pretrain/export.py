@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from medfm.data.outputs import atomic_path, write_json
+from medfm.data.outputs import write_json, write_weights
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.errors import ModelError
 from medfm.models import hub
@@ -65,8 +64,7 @@ def export_trunk(
         raise ModelError(f"profile {profile} does not fit a {dims}D trunk")
     weights_name = f"{name}.safetensors"
     dest = hub.medfm_home() / "weights" / weights_name
-    with atomic_path(dest) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_weights(model, dest)
     card = {
         "name": name,
         "trunk": {"name": trunk_name, "args": args, "in_channels": in_channels},

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from medfm.data.outputs import atomic_path, write_json, write_table
+from medfm.data.outputs import write_json, write_table, write_weights
 from medfm.errors import ModelError
 from medfm.finetune.outputs import write_curves
 from medfm.models import hub
@@ -67,10 +67,7 @@ def write_run_outputs(module: SegmentModule, data: SegmentData, folder: str | os
         bad["reason"] = [data.errors[r] for r in sorted(data.errors)]
         write_table(bad, folder / "errors.csv")
     write_curves(module.history, folder)
-    weights = folder / "model.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in module.net.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
+    weights = write_weights(module.net, folder / "model.safetensors")
     card = {
         "kind": CARD_KIND,
         "dims": module.net.dims,
