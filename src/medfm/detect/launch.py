@@ -62,6 +62,7 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "csv", "yolo", "coco", "images"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -78,6 +79,7 @@ def _predict(args: argparse.Namespace) -> None:
         format=args.format,
         batch_size=args.batch_size,
         on_error=args.on_error,
+        progress=not args.quiet,
     )
     print(f"wrote {path}" + (f"; overlays in {args.overlays}" if args.overlays else ""))
 

@@ -28,6 +28,7 @@ from medfm.detect.module import DetectModule
 from medfm.errors import MedfmError, ModelError, RowError
 from medfm.finetune.outputs import write_curves
 from medfm.models import hub
+from medfm.progress import progress_bar
 
 CARD_KIND = "medfm-detector"
 
@@ -149,6 +150,7 @@ def predict_boxes(
     format: str = "auto",
     batch_size: int = 8,
     on_error: str = "raise",
+    progress: bool = True,
 ) -> Path:
     """Run a trained detector on a manifest's images; write ``image_path, x_min, y_min, x_max, y_max, label, score``
     in each image's own pixel coordinates (the resize undone), one empty-box row for an image with no box above
@@ -164,43 +166,48 @@ def predict_boxes(
     items = boxes.images()
     rows: list[dict] = []
     overlay_dir = Path(overlays) if overlays else None
-    for start in range(0, len(items), batch_size):
-        chunk, tensors, frames = [], [], []
-        for position, item in enumerate(items[start : start + batch_size], start=start):
-            try:
-                tensor, frame, _ = load_image(item.path, profile)
-            except MedfmError as err:
-                reason = getattr(err, "reason", str(err))
-                if on_error == "raise":
-                    raise RowError(item.rows[0], item.image_path, reason) from None
-                errors.update({r: reason for r in item.rows})
+    with progress_bar(progress) as bar:
+        task = bar.add_task("detecting", total=len(items))
+        for start in range(0, len(items), batch_size):
+            bar.advance(task, len(items[start : start + batch_size]))
+            chunk, tensors, frames = [], [], []
+            for position, item in enumerate(items[start : start + batch_size], start=start):
+                try:
+                    tensor, frame, _ = load_image(item.path, profile)
+                except MedfmError as err:
+                    reason = getattr(err, "reason", str(err))
+                    if on_error == "raise":
+                        raise RowError(item.rows[0], item.image_path, reason) from None
+                    errors.update({r: reason for r in item.rows})
+                    continue
+                chunk.append((position, item))
+                tensors.append(tensor)
+                frames.append(frame)
+            if not chunk:
                 continue
-            chunk.append((position, item))
-            tensors.append(tensor)
-            frames.append(frame)
-        if not chunk:
-            continue
-        for (position, item), frame, det in zip(chunk, frames, module(tensors)):
-            keep = det["scores"] >= score_threshold
-            found = frame.inverse(det["boxes"][keep].numpy())
-            found[:, [0, 2]] = np.clip(found[:, [0, 2]], 0, item.width)
-            found[:, [1, 3]] = np.clip(found[:, [1, 3]], 0, item.height)
-            labels = det["labels"][keep].tolist()
-            scores = det["scores"][keep].tolist()
-            image_rows = [
-                {
-                    "image_path": item.image_path,
-                    **dict(zip(OUT_COLUMNS[1:5], map(float, box))),
-                    "label": classes[k],
-                    "score": float(s),
-                }
-                for box, k, s in zip(found, labels, scores)
-            ] or [{"image_path": item.image_path}]
-            rows.extend(image_rows)
-            if overlay_dir is not None:
-                name = f"{position:05d}_{Path(item.path).stem}.png"
-                names = [classes[k] for k in item.labels] if boxes.has_boxes else []
-                _draw(item.path, overlay_dir / name, pd.DataFrame(image_rows, columns=OUT_COLUMNS), item.boxes, names)
+            for (position, item), frame, det in zip(chunk, frames, module(tensors)):
+                keep = det["scores"] >= score_threshold
+                found = frame.inverse(det["boxes"][keep].numpy())
+                found[:, [0, 2]] = np.clip(found[:, [0, 2]], 0, item.width)
+                found[:, [1, 3]] = np.clip(found[:, [1, 3]], 0, item.height)
+                labels = det["labels"][keep].tolist()
+                scores = det["scores"][keep].tolist()
+                image_rows = [
+                    {
+                        "image_path": item.image_path,
+                        **dict(zip(OUT_COLUMNS[1:5], map(float, box))),
+                        "label": classes[k],
+                        "score": float(s),
+                    }
+                    for box, k, s in zip(found, labels, scores)
+                ] or [{"image_path": item.image_path}]
+                rows.extend(image_rows)
+                if overlay_dir is not None:
+                    name = f"{position:05d}_{Path(item.path).stem}.png"
+                    names = [classes[k] for k in item.labels] if boxes.has_boxes else []
+                    _draw(
+                        item.path, overlay_dir / name, pd.DataFrame(image_rows, columns=OUT_COLUMNS), item.boxes, names
+                    )
     table = pd.DataFrame(rows, columns=OUT_COLUMNS)
     path = write_table(table, out)
     write_errors(boxes.table, errors, out)
