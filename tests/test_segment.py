@@ -294,7 +294,7 @@ def test_predicted_masks_keep_an_oblique_anisotropic_geometry(sphere_run, tmp_pa
     assert (out / table["overlay_file"][0]).stat().st_size > 1000
 
 
-def test_2d_unet_on_discs_and_predict_back_to_image_size(tmp_path):
+def test_2d_unet_on_discs_and_predict_back_to_image_size(tmp_path, monkeypatch):
     profiles.register_profile(
         Profile2D(name="gray-48-test", version="1", size=(48, 48), channels=1, mean=(0.0,), std=(1.0,))
     )
@@ -331,6 +331,28 @@ def test_2d_unet_on_discs_and_predict_back_to_image_size(tmp_path):
     truth = np.asarray(Image.open(tmp_path / "mask13.png")) > 0
     assert mask.shape == (56, 64)
     assert 2 * np.sum((mask == 1) & truth) / (np.sum(mask == 1) + np.sum(truth)) > 0.85
+
+    # interrupted after 4 rows, then resumed: only the other 10 rows are segmented, and the table is the same
+    import medfm.segment.predict as predict_module
+
+    original, calls = predict_module._predict2d, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    again = tmp_path / "again"
+    monkeypatch.setattr(predict_module, "_predict2d", interrupted)
+    command = ["predict", str(run / "model.json"), str(tmp_path / "discs.csv"), "--out", str(again), "--quiet"]
+    assert main(command) == 130 and not (again / "predictions.csv").exists()
+    assert len(list((again / "predictions.partial").glob("row-*.json"))) == 4
+    calls.clear()
+    monkeypatch.setattr(predict_module, "_predict2d", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    assert main([*command, "--resume"]) == 0
+    assert len(calls) == 10 and not (again / "predictions.partial").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(again / "predictions.csv"), table)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "segment").glob("*.yaml")))

@@ -77,6 +77,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true", help="keep the rows an interrupted run finished")
     return p
 
 
@@ -85,7 +86,15 @@ def _predict(args: argparse.Namespace) -> None:
     from medfm.segment.predict import predict_manifest
 
     dest = predict_manifest(
-        args.card, args.manifest, args.out, args.overlays, args.on_error, args.device, not args.quiet, args.dicom_seg
+        args.card,
+        args.manifest,
+        args.out,
+        args.overlays,
+        args.on_error,
+        args.device,
+        not args.quiet,
+        args.dicom_seg,
+        resume=args.resume,
     )
     print(f"wrote {dest}")
 
@@ -96,7 +105,7 @@ def main(argv: list[str]) -> int:
 
     if argv[:1] == ["predict"]:
         args = _predict_parser().parse_args(argv[1:])
-        return run_guarded(lambda: _predict(args))
+        return run_guarded(lambda: _predict(args), "finished rows are kept, continue with --resume")
     if argv[:1] == ["sweep"]:
         from medfm.finetune.launch import run_sweep, sweep_parser
 

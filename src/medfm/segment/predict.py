@@ -14,8 +14,10 @@ column of ``predictions.csv`` (empty where none was written). A row whose DICOM-
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 from medfm.data.images2d import preprocess2d, read_image2d
 from medfm.data.io import Geometry, read_image, write_volume
 from medfm.data.manifest import read_table, validate_manifest
-from medfm.data.outputs import atomic_path, write_errors, write_table
+from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
 from medfm.data.profiles import Profile2D, profile_from_dict
 from medfm.errors import MedfmError, RowError
 from medfm.progress import progress_bar
@@ -109,10 +111,12 @@ def predict_manifest(
     device: str = "cpu",
     progress: bool = True,
     dicom_seg: str = "auto",
+    resume: bool = False,
 ) -> Path:
     """Segment every image of a manifest (``image_path`` [+ ``series_uid``]); writes masks, overlays, DICOM-SEG
     and ``predictions.csv`` (the manifest's columns, the mask and DICOM-SEG files, each class's volume in ml or
-    area in pixels)."""
+    area in pixels). Each finished row is recorded in ``predictions.partial/``; ``resume=True`` keeps those rows
+    (same card, manifest and options) and segments only the others."""
     if dicom_seg not in DICOM_SEG_MODES:
         raise ValueError(f"dicom_seg must be one of {DICOM_SEG_MODES}, got {dicom_seg!r}")
     net, card = load_segmenter(card_path)
@@ -138,12 +142,15 @@ def predict_manifest(
     if errors and on_error == "raise":
         row = min(errors)
         raise RowError(row, checked.paths[row], errors[row])
-    records: dict[int, dict[str, object]] = {}
+    partial = out / "predictions.partial"
+    state = {"card_sha256": card.get("sha256"), "manifest": str(Path(source).resolve()), "rows": list(checked.paths),
+             "overlays": overlays, "dicom_seg": dicom_seg}  # fmt: skip
+    records = _finished_rows(partial, state, out, resume)
     with progress_bar(progress) as bar:
         task = bar.add_task("segmenting", total=len(checked.table))
         for row, path in enumerate(checked.paths):
             bar.advance(task)
-            if row in errors:
+            if row in errors or row in records:
                 continue
             try:
                 stem = f"{row:04d}_{_stem(path)}"
@@ -184,13 +191,36 @@ def predict_manifest(
                         raise RowError(row, path, reason) from None
                     errors[row] = reason
             records[row] = record
+            write_json(record, partial / f"row-{row:06d}.json")  # kept for resume
     rows = sorted(records)
     table = checked.table.iloc[rows].copy()
     for key in next(iter(records.values())) if records else {}:
         table[key] = [records[r][key] for r in rows]
     dest = write_table(table, out / "predictions.csv")
     write_errors(checked.table, errors, dest)
+    shutil.rmtree(partial, ignore_errors=True)
     return dest
+
+
+def _finished_rows(partial: Path, state: dict, out: Path, resume: bool) -> dict[int, dict[str, object]]:
+    """The rows an interrupted run finished (``resume``; their files must still be there), else a fresh record."""
+    done: dict[int, dict[str, object]] = {}
+    if resume and partial.is_dir():
+        previous = json.loads((partial / "state.json").read_text()) if (partial / "state.json").exists() else None
+        if previous != json.loads(json.dumps(state)):
+            raise MedfmError(
+                f"{partial} was made with another model card, manifest or options; run without --resume to start again"
+            )
+        for file in sorted(partial.glob("row-*.json")):
+            record = json.loads(file.read_text())
+            written = [record.get(k) for k in ("mask_file", "overlay_file", "seg_path") if record.get(k)]
+            if all((out / str(name)).is_file() for name in written):
+                done[int(file.stem.split("-")[1])] = record
+        return done
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_json(state, partial / "state.json")
+    return done
 
 
 def _seg_identity(card: dict, card_path: str | os.PathLike[str]) -> dict:
