@@ -118,8 +118,8 @@ def test_torchvision_checkpoint_loads_with_full_coverage(tmp_path):
     torch.save(source.state_dict(), path)
     loaded = load_model("resnet18", path)
     assert loaded.report.coverage == 1.0
-    assert not loaded.report.missing and not loaded.report.mismatched
-    assert loaded.report.unexpected and all(k.startswith("fc.") for k in loaded.report.unexpected)
+    assert not loaded.report.left_at_init and not loaded.report.mismatched
+    assert loaded.report.unused and all(k.startswith("fc.") for k in loaded.report.unused)
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, source.state_dict()[key]), key
 

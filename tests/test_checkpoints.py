@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from medfm.errors import CheckpointError
 from medfm.models import load_model
-from medfm.models.checkpoints import load_state, load_weights, read_checkpoint, read_trunk
+from medfm.models.checkpoints import read_checkpoint, read_trunk
+from medfm.models.transfer import load_weights, transfer_weights
 
 MODEL = "resnet10-3d"
 
@@ -55,9 +56,9 @@ def test_fmcib_layout(tmp_path, target, source_state):
     torch.save({"trunk_state_dict": source_state, "head_state_dict": head}, path)
     report = load_weights(target, path)
     assert report.coverage == 1.0
-    assert report.prefix == ""
-    assert report.missing == [] and report.unexpected == [] and report.mismatched == []
-    assert report.loaded == sorted(source_state)
+    assert report.strip_prefix == "" and report.add_prefix == ""
+    assert report.left_at_init == [] and report.unused == [] and report.mismatched == []
+    assert report.transferred == sorted(source_state) and report.adapted == []
     assert_state_equal(target, source_state)
 
 
@@ -71,8 +72,8 @@ def test_lightning_layout_drops_heads_by_rule(tmp_path, target, source_state):
     assert report.coverage == 1.0
     assert report.layout == "lightning"
     assert sorted(report.dropped) == ["model.heads.0.bias", "model.heads.0.weight"]
-    assert report.unexpected == []
-    assert report.missing == []
+    assert report.unused == []
+    assert report.left_at_init == []
     assert_state_equal(target, source_state)
 
 
@@ -83,7 +84,7 @@ def test_ddp_module_prefix(tmp_path, target, source_state, wrapped):
     torch.save({"state_dict": state} if wrapped else state, path)
     report = load_weights(target, path)
     assert report.coverage == 1.0
-    assert report.unexpected == []
+    assert report.unused == []
     assert_state_equal(target, source_state)
 
 
@@ -114,7 +115,7 @@ def test_shape_mismatch_is_reported_and_not_loaded(tmp_path, target, source_stat
     torch.save(state, path)
     report = load_weights(target, path)  # conv1 is a small share of the model: default min_coverage passes
     assert report.mismatched == [("conv1.weight", (64, 1, 3, 3, 3), (64, 1, 7, 7, 7))]
-    assert "conv1.weight" not in report.loaded and "conv1.weight" not in report.missing
+    assert "conv1.weight" not in report.transferred and "conv1.weight" in report.left_at_init
     total = sum(v.numel() for v in source_state.values())
     assert report.coverage == pytest.approx(1 - 64 * 343 / total)
     assert torch.equal(target.state_dict()["conv1.weight"], before)
@@ -138,8 +139,8 @@ def test_min_coverage_zero_loads_partially(tmp_path, target, source_state):
     before = {k: v.clone() for k, v in target.state_dict().items()}
     report = load_weights(target, path, min_coverage=0)
     layer4 = sorted(k for k in source_state if k.startswith("layer4."))
-    assert report.missing == layer4
-    assert report.loaded == sorted(partial)
+    assert report.left_at_init == layer4
+    assert report.transferred == sorted(partial)
     expected = sum(v.numel() for v in partial.values()) / sum(v.numel() for v in source_state.values())
     assert report.coverage == pytest.approx(expected)
     assert 0.05 < report.coverage < 0.95
@@ -151,12 +152,30 @@ def test_min_coverage_zero_loads_partially(tmp_path, target, source_state):
 
 
 def test_report_summary_and_dict(tmp_path, target, source_state):
-    report = load_state(target, {"trunk." + k: v for k, v in source_state.items()})
-    assert report.prefix == "trunk."
+    report = load_weights(target, _saved(tmp_path, {"trunk." + k: v for k, v in source_state.items()}))
+    assert report.strip_prefix == "trunk."
     data = report.to_dict()
-    assert data["loaded"] == len(source_state)
+    assert data["transferred"] == sorted(source_state)
     assert data["coverage"] == 1.0
-    assert report.summary().startswith(f"loaded {len(source_state)} tensors (100.0% of the model's values)")
+    n = len(source_state)
+    assert report.summary().splitlines()[1].startswith(f"transferred {n} of {n} tensors (100.00% of the model's values)")
+
+
+def test_own_weights_load_exactly_while_a_transfer_adapts_channels(tmp_path, target, source_state):
+    # a 3-channel first convolution: load_weights (a model's own weights) leaves it; transfer_weights sums it
+    state = {**source_state, "conv1.weight": source_state["conv1.weight"].repeat(1, 3, 1, 1, 1) / 3}
+    path = _saved(tmp_path, state)
+    report = load_weights(target, path)
+    assert report.mismatched == [("conv1.weight", (64, 3, 7, 7, 7), (64, 1, 7, 7, 7))] and report.adapted == []
+    report = transfer_weights(path, target)
+    assert report.adapted == [("conv1.weight", "summed 3→1 input channels")]
+    torch.testing.assert_close(target.state_dict()["conv1.weight"], source_state["conv1.weight"])
+
+
+def _saved(tmp_path, state: dict) -> Path:
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return path
 
 
 # --- safety ------------------------------------------------------------------------------------------------

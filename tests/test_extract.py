@@ -181,7 +181,7 @@ def test_weights_from_path(half, base, tmp_path):
     assert side["weights"] == str(path)
     assert side["random_init"] is False and side["random_init_seed"] is None
     assert side["load_report"]["coverage"] == 1.0
-    assert side["load_report"]["unexpected"] == []
+    assert side["load_report"]["unused"] == [] and side["load_report"]["mismatched"] == []
     np.testing.assert_allclose(pd.read_parquet(out)[FEATS].to_numpy(), table[FEATS].to_numpy()[:4], atol=1e-6)
 
 

@@ -10,7 +10,7 @@ from monai.networks.nets.resnet import ResNet
 
 from medfm.errors import ModelError, WeightsError
 from medfm.models import create, get_entry, list_models, load_model, register
-from medfm.models.checkpoints import LoadReport
+from medfm.models.transfer import TransferReport
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_load_from_checkpoint_path_records_sha256(tmp_path):
     loaded = load_model("resnet10-3d", path, seed=0)
     assert loaded.weights_path == path
     assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert isinstance(loaded.report, LoadReport) and loaded.report.coverage == 1.0
+    assert isinstance(loaded.report, TransferReport) and loaded.report.coverage == 1.0
     assert loaded.entry.name == "resnet10-3d"
     assert loaded.model.training is False
     for key, value in source.state_dict().items():

@@ -2,7 +2,7 @@
 
 The networks are built with ``weights=None`` (nothing is ever downloaded) and changed in place, keeping
 torchvision's module names, so that a torchvision state dict loads into a trunk with matching keys; only the
-classifier's keys (and InceptionV3's auxiliary head) are left over as unexpected.
+classifier's keys (and InceptionV3's auxiliary head) are left over, reported as unused.
 
 How each family becomes a trunk:
 

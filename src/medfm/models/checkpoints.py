@@ -1,4 +1,4 @@
-"""Load weights safely and report what they covered.
+"""Read weights safely (what :func:`medfm.models.transfer.load_weights` and ``transfer_weights`` copy from).
 
 Only ``torch.load(weights_only=True)`` and safetensors are used, so a checkpoint that would run code when
 unpickled is refused before anything runs. Known layouts are unwrapped: FMCIB (``trunk_state_dict``),
@@ -22,61 +22,20 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
-from torch import nn
 
 from medfm.errors import CheckpointError
 from medfm.models.adapters import LAYOUTS, adapt, detect_layout
 
 __all__ = [
     "LAYOUTS",
-    "LoadReport",
     "adapt",
     "detect_layout",
-    "load_state",
-    "load_weights",
     "read_checkpoint",
     "read_trunk",
 ]
-
-TRUNK_PREFIXES = ("", "trunk.", "model.trunk.", "model.", "backbone.", "encoder.", "model.backbone.")
-
-
-@dataclass
-class LoadReport:
-    """What a load did: keys loaded, missing from the file, unexpected in it, and of the wrong shape."""
-
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    prefix: str = ""
-    coverage: float = 0.0
-    dropped: list[str] = field(default_factory=list)  # heads (projection, classifier, ...) left out by rule
-    layout: str = ""
-
-    def summary(self) -> str:
-        """One line for a log or a terminal."""
-        return (
-            f"loaded {len(self.loaded)} tensors ({self.coverage:.1%} of the model's values), "
-            f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, shape-mismatched {len(self.mismatched)}"
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        """The report as plain JSON-ready data."""
-        return {
-            "loaded": len(self.loaded),
-            "missing": self.missing,
-            "unexpected": self.unexpected,
-            "mismatched": [list(m) for m in self.mismatched],
-            "prefix": self.prefix,
-            "coverage": self.coverage,
-            "layout": self.layout,
-            "dropped": self.dropped,
-        }
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
@@ -219,39 +178,6 @@ def _is_pickle(path: Path) -> bool:
     return True
 
 
-def _best_prefix(source: dict[str, torch.Tensor], target_keys: set[str]) -> str:
-    scores = {p: sum(1 for k in source if k.startswith(p) and k[len(p) :] in target_keys) for p in TRUNK_PREFIXES}
-    return max(TRUNK_PREFIXES, key=lambda p: (scores[p], -TRUNK_PREFIXES.index(p)))
-
-
-def load_state(model: nn.Module, source: dict[str, torch.Tensor], min_coverage: float = 0.95) -> LoadReport:
-    """Copy matching tensors into ``model``; fail if they cover less than ``min_coverage`` of its values."""
-    target = model.state_dict()
-    prefix = _best_prefix(source, set(target))
-    report = LoadReport(prefix=prefix)
-    usable: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        name = key[len(prefix) :] if key.startswith(prefix) else None
-        if name is None or name not in target:
-            report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(target[name].shape):
-            report.mismatched.append((name, tuple(value.shape), tuple(target[name].shape)))
-        else:
-            usable[name] = value
-    report.loaded = sorted(usable)
-    report.missing = sorted(k for k in target if k not in usable and k not in {m[0] for m in report.mismatched})
-    total = sum(t.numel() for t in target.values()) or 1
-    report.coverage = sum(target[k].numel() for k in usable) / total
-    if report.coverage < min_coverage:
-        raise CheckpointError(
-            f"the weights cover {report.coverage:.1%} of the model, below the {min_coverage:.0%} required "
-            f"({report.summary()}; first missing: {report.missing[:3]}, first unexpected: {report.unexpected[:3]}). "
-            "Pass a lower min_coverage (--min-coverage) to load anyway"
-        )
-    model.load_state_dict(usable, strict=False)
-    return report
-
-
 def read_trunk(
     source: str | os.PathLike[str] | Mapping[str, object], layout: str | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str], str]:
@@ -263,13 +189,3 @@ def read_trunk(
     name = layout or detect_layout(checkpoint)
     state, dropped = adapt(checkpoint, name)
     return state, dropped, name
-
-
-def load_weights(
-    model: nn.Module, path: str | os.PathLike[str], min_coverage: float = 0.95, layout: str | None = None
-) -> LoadReport:
-    """Load a checkpoint file of any known layout into ``model`` safely; returns the report (heads dropped by rule)."""
-    state, dropped, layout = read_trunk(path, layout)
-    report = load_state(model, state, min_coverage)
-    report.dropped, report.layout = sorted(dropped), layout
-    return report

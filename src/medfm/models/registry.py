@@ -24,7 +24,6 @@ from medfm.errors import MedfmError, ModelError
 from medfm.models import hub
 from medfm.models.backbones import resnet3d
 from medfm.models.backbones2d import torchvision_trunk
-from medfm.models.checkpoints import LoadReport, load_weights
 from medfm.models.transfer import TransferReport, transfer_weights
 
 PUBLISHED = "published"
@@ -54,7 +53,7 @@ class LoadedModel:
     entry: ModelEntry
     weights_path: Path | None
     weights_sha256: str | None
-    report: LoadReport | TransferReport | None
+    report: TransferReport | None
     seed: int | None = None
 
 
@@ -130,10 +129,8 @@ def load_model(
     model = entry.builder() if in_channels is None else entry.builder(in_channels=in_channels)
     if path is None:
         return LoadedModel(model.eval(), entry, None, None, None, seed=seed)
-    if in_channels is None:
-        report = load_weights(model, path, min_coverage=min_coverage, layout=layout)
-    else:
-        report = transfer_weights(path, model, min_coverage=min_coverage, layout=layout)
+    # the model's own weights load exactly; into another first convolution they are adapted (channels summed)
+    report = transfer_weights(path, model, min_coverage=min_coverage, layout=layout, exact=in_channels is None)
     return LoadedModel(model.eval(), entry, path, hub.sha256_of(path), report)
 
 

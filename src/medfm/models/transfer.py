@@ -171,16 +171,20 @@ def transfer_weights(
     inflate: bool = False,
     min_coverage: float = 0.0,
     layout: str | None = None,
+    exact: bool = False,
 ) -> TransferReport:
     """Copy what fits of a checkpoint into ``model`` and report it.
 
     ``src``: a checkpoint path (read without running code; ``.tar.gz`` archives are opened safely) or a
     checkpoint / state dict already in memory. ``layout`` forces a layout of :mod:`medfm.models.adapters`.
+    ``exact``: only tensors of the target's own shape are copied (no channel summing or inflation; the others are
+    reported as mismatched), as when a model's own weights are loaded.
     Raises :class:`CheckpointError`, leaving the model untouched, when the transferred values cover less than
     ``min_coverage`` of the model or when nothing at all can be transferred.
     """
     source, dropped, layout_name = read_trunk(src, layout)
     target = model.state_dict()
+    inflate = inflate and not exact
     strip, add = _best_mapping(source, target, inflate)
     report = TransferReport(layout=layout_name, strip_prefix=strip, add_prefix=add, dropped=dropped)
     new: dict[str, torch.Tensor] = {}
@@ -193,7 +197,7 @@ def transfer_weights(
             continue
         dst = tuple(target[name].shape)
         steps = _plan(tuple(value.shape), dst, inflate)
-        if steps is None:
+        if steps is None or (exact and steps):
             report.mismatched.append((name, tuple(value.shape), dst))
             continue
         new[name] = _apply(value, dst, inflate) if steps else value.detach()
@@ -227,6 +231,14 @@ def transfer_weights(
     with torch.no_grad():
         model.load_state_dict(new, strict=False)
     return report
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike[str], min_coverage: float = 0.95, layout: str | None = None
+) -> TransferReport:
+    """Load a checkpoint file of any known layout into ``model`` safely, tensors of its own shapes only (heads
+    dropped by rule); raises when they cover less than ``min_coverage`` of the model. Returns the report."""
+    return transfer_weights(path, model, min_coverage=min_coverage, layout=layout, exact=True)
 
 
 def save_transferred(
