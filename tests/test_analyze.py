@@ -407,3 +407,36 @@ def test_models_must_share_dims_and_weights_must_match_the_models():
         load_models([TINY, TINY, TINY], ["random", "random"])
     models = load_models([f"{TINY},{TINY}"], ["random"])
     assert [m.name for m in models] == [f"{TINY} (random)", f"{TINY} (random) #2"]
+
+
+@pytest.mark.parametrize("analysis", ["saliency", "reconstruct"])
+def test_an_interrupted_analysis_resumes_with_the_images_it_finished(analysis, manifest, tmp_path, monkeypatch):
+    import medfm.analyze.reconstruct as reconstruct_module
+    import medfm.analyze.saliency as saliency_module
+
+    module, name = (saliency_module, "saliency_maps") if analysis == "saliency" else (reconstruct_module, "reconstruct")
+    original, calls = getattr(module, name), []
+
+    def counted(*args, **kwargs):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    extra = ["--patch", "8"] if analysis == "saliency" else ["--iterations", "5"]
+    command = lambda out: [analysis, TINY, manifest, "--out", str(out), "--limit", "4", "--weights", "random",  # noqa: E731
+                           "--profile", PROFILE, "--in-channels", "1", "--quiet", *extra]  # fmt: skip
+    table = "saliency.csv" if analysis == "saliency" else "reconstruct_loss.csv"
+    stop_after = None
+    assert analyze_main(command(tmp_path / "whole")) == 0 and len(calls) == 4
+    calls.clear()
+    stop_after = 2
+    assert analyze_main(command(tmp_path / "again")) == 130
+    assert len(list((tmp_path / "again" / f"{analysis}.partial").glob("*_row*.json"))) == 2
+    calls.clear()
+    stop_after = None
+    assert analyze_main([*command(tmp_path / "again"), "--resume"]) == 0
+    assert len(calls) == 2 and not (tmp_path / "again" / f"{analysis}.partial").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / table), pd.read_csv(tmp_path / "whole" / table))
+    assert analyze_main([*command(tmp_path / "again"), "--resume", "--seed", "3"]) == 0  # no partial left: a fresh run

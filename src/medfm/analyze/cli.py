@@ -103,6 +103,7 @@ def _saliency(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         overlays=not args.no_overlays,
         progress=not args.quiet,
+        resume=args.resume,
     )
     print((result.folder / "summary.md").read_text())
 
@@ -157,6 +158,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
         on_error=args.on_error,
         seed=args.seed,
         progress=not args.quiet,
+        resume=args.resume,
     )
     print((Path(args.out) / "summary.md").read_text())
 
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="only the CSV and summary, no PNGs")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="occluded inputs per forward pass")
+    p.add_argument("--resume", action="store_true", help="keep the images an interrupted run finished")
     p.set_defaults(func=_saliency)
 
     p = sub.add_parser("perceptual", help="LPIPS-style distance from the model's own layers")
@@ -231,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--save-at", type=int, nargs="+", default=[10, 50, 100, 300], help="iterations to save as PNG")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the generator")
+    p.add_argument("--resume", action="store_true", help="keep the images an interrupted run finished")
     p.set_defaults(func=_reconstruct)
     return parser
 
@@ -240,7 +244,9 @@ def main(argv: list[str]) -> int:
     from medfm.cli import run_guarded
 
     args = build_parser().parse_args(argv)
-    return run_guarded(lambda: args.func(args))
+    return run_guarded(
+        lambda: args.func(args), "finished images are kept: saliency and reconstruct go on with --resume"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ grey (one channel repeated) when the target is a grey image repeated to RGB.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,16 @@ from torch import nn
 from medfm.analyze.figures import save_reconstructions
 from medfm.analyze.inputs import open_manifest, read_inputs
 from medfm.analyze.models import AnalysisModel, main_stages
-from medfm.analyze.report import markdown_table, pyplot, save_figure, write_csv, write_row_errors, write_summary
+from medfm.analyze.report import (
+    FinishedRows,
+    markdown_table,
+    pyplot,
+    save_figure,
+    slug,
+    write_csv,
+    write_row_errors,
+    write_summary,
+)
 from medfm.data.manifest import Manifest
 from medfm.errors import ModelError
 from medfm.progress import progress_bar
@@ -153,10 +161,6 @@ def _default_layer(model: AnalysisModel, x: torch.Tensor) -> str:
     return stages[len(stages) // 2]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
 def run_reconstruct(
     models: list[AnalysisModel],
     manifest: str | os.PathLike[str] | Manifest,
@@ -170,11 +174,17 @@ def run_reconstruct(
     on_error: str = "raise",
     seed: int = 0,
     progress: bool = True,
+    resume: bool = False,
 ) -> pd.DataFrame:
-    """Reconstruct the first ``limit`` images from each model's ``layer``: PNGs, the loss curves (CSV + PNG)."""
+    """Reconstruct the first ``limit`` images from each model's ``layer``: PNGs, the loss curves (CSV + PNG).
+    ``resume``: images an interrupted run finished (same settings) are not reconstructed again."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     curves, errors, table, used = [], {}, None, {}
+    settings = {"manifest": str(getattr(manifest, "source", manifest)), "models": [m.provenance | {"label": m.name}
+                for m in models], "layer": layer, "iterations": iterations, "save_at": list(save_at), "lr": lr,
+                "limit": limit, "coords": coords, "seed": seed}  # fmt: skip
+    finished = FinishedRows(folder, "reconstruct", settings, resume)
     for model in models:
         opened = open_manifest(manifest, model.dims, coords)
         table = opened.table
@@ -183,26 +193,30 @@ def run_reconstruct(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"reconstructing with {model.name}", total=len(inputs) * iterations)
             for i, row in enumerate(inputs.rows):
+                kept = finished.get(model.name, row)
+                if kept is not None:
+                    used[model.name] = kept["layer"]
+                    curves.append(pd.DataFrame(kept["curve"]))
+                    bar.advance(task, iterations)
+                    continue
                 result = reconstruct(model, inputs.tensor(i), layer, iterations, save_at, lr, seed)
                 used[model.name] = result.layer
-                curves.append(
-                    pd.DataFrame(
-                        {
-                            "model": model.name,
-                            "row": row,
-                            "image_path": opened.paths[row],
-                            "layer": result.layer,
-                            "iteration": np.arange(1, len(result.losses) + 1),
-                            "loss": result.losses,
-                        }
-                    )
-                )
+                curve = {
+                    "model": model.name,
+                    "row": row,
+                    "image_path": opened.paths[row],
+                    "layer": result.layer,
+                    "iteration": list(range(1, len(result.losses) + 1)),
+                    "loss": [float(v) for v in result.losses],
+                }
+                curves.append(pd.DataFrame(curve))
                 save_reconstructions(
-                    folder / f"{_slug(model.name)}_row{row:05d}.png",
+                    folder / f"{slug(model.name)}_row{row:05d}.png",
                     inputs.arrays[i],
                     result.images,
                     f"{model.name} · {result.layer} · row {row}",
                 )
+                finished.put(model.name, row, {"layer": result.layer, "curve": curve})
                 bar.advance(task, iterations)
     losses = pd.concat(curves, ignore_index=True)
     write_csv(losses, folder / "reconstruct_loss.csv")
@@ -238,6 +252,7 @@ def run_reconstruct(
             "limit": limit,
         },
     )
+    finished.close()
     return losses
 
 

@@ -16,7 +16,6 @@ model attends to a small region, near 0.5 when its attention is spread out.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,15 @@ import torch
 from medfm.analyze.figures import save_overlays
 from medfm.analyze.inputs import open_manifest, read_inputs
 from medfm.analyze.models import AnalysisModel, main_stages
-from medfm.analyze.report import interval_text, markdown_table, write_csv, write_row_errors, write_summary
+from medfm.analyze.report import (
+    FinishedRows,
+    interval_text,
+    markdown_table,
+    slug,
+    write_csv,
+    write_row_errors,
+    write_summary,
+)
 from medfm.analyze.similarity import mean_interval
 from medfm.data.manifest import Manifest
 from medfm.errors import MedfmError
@@ -149,10 +156,6 @@ def attentive_diffusion(saliency: np.ndarray) -> float:
     return float(np.mean(saliency > saliency.mean()))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
 def saliency_maps(
     model: AnalysisModel,
     x: torch.Tensor,
@@ -196,10 +199,12 @@ def run_saliency(
     batch_size: int = 16,
     overlays: bool = True,
     progress: bool = True,
+    resume: bool = False,
 ) -> SaliencyResult:
     """Saliency maps of every image for each model: CSV of attentive diffusion and peaks, overlays as PNG.
 
     ``methods=None``: occlusion for every model, and Grad-CAM and integrated gradients for those with a head.
+    ``resume``: images an interrupted run finished (same settings) are not computed again.
     """
     asked = methods is not None
     methods = tuple(methods or METHODS)
@@ -216,6 +221,10 @@ def run_saliency(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     records, errors, table = [], {}, None
+    settings = {"manifest": str(getattr(manifest, "source", manifest)), "models": [m.provenance | {"label": m.name}
+                for m in models], "methods": methods, "window": window, "stride": stride, "target": target,
+                "layer": layer, "steps": steps, "limit": limit, "coords": coords, "overlays": overlays}  # fmt: skip
+    finished = FinishedRows(folder, "saliency", settings, resume)
     for model in models:
         opened = open_manifest(manifest, model.dims, coords)
         table = opened.table
@@ -224,11 +233,17 @@ def run_saliency(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"saliency of {model.name}", total=len(inputs))
             for i, row in enumerate(inputs.rows):
+                kept = finished.get(model.name, row)
+                if kept is not None:
+                    records.extend(kept["records"])
+                    bar.advance(task)
+                    continue
                 x = inputs.tensor(i)
                 maps = saliency_maps(model, x, methods, window, stride, target, layer, steps, batch_size)
+                mine = []
                 for method, saliency in maps.items():
                     peak = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
-                    records.append(
+                    mine.append(
                         {
                             "model": model.name,
                             "row": row,
@@ -241,8 +256,10 @@ def run_saliency(
                         }
                     )
                 if overlays and maps:
-                    name = f"{_slug(model.name)}_row{row:05d}.png"
+                    name = f"{slug(model.name)}_row{row:05d}.png"
                     save_overlays(folder / "overlays" / name, inputs.arrays[i], maps, f"{model.name} · row {row}")
+                records.extend(mine)
+                finished.put(model.name, row, {"records": mine})
                 bar.advance(task)
     per_image = pd.DataFrame(records)
     summary_rows = []
@@ -285,4 +302,5 @@ def run_saliency(
             "limit": limit,
         },
     )
+    finished.close()
     return SaliencyResult(per_image, summary, folder)
