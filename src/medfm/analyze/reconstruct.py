@@ -24,7 +24,6 @@ from medfm.analyze.figures import save_reconstructions
 from medfm.analyze.inputs import open_manifest, read_inputs
 from medfm.analyze.models import AnalysisModel, main_stages
 from medfm.analyze.report import (
-    FinishedRows,
     markdown_table,
     pyplot,
     save_figure,
@@ -34,6 +33,7 @@ from medfm.analyze.report import (
     write_summary,
 )
 from medfm.data.manifest import Manifest
+from medfm.data.outputs import FinishedRows
 from medfm.errors import ModelError
 from medfm.progress import progress_bar
 
@@ -184,7 +184,7 @@ def run_reconstruct(
     settings = {"manifest": str(getattr(manifest, "source", manifest)), "models": [m.provenance | {"label": m.name}
                 for m in models], "layer": layer, "iterations": iterations, "save_at": list(save_at), "lr": lr,
                 "limit": limit, "coords": coords, "seed": seed}  # fmt: skip
-    finished = FinishedRows(folder, "reconstruct", settings, resume)
+    finished = FinishedRows(folder / "reconstruct.partial", settings, resume)
     for model in models:
         opened = open_manifest(manifest, model.dims, coords)
         table = opened.table
@@ -193,7 +193,7 @@ def run_reconstruct(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"reconstructing with {model.name}", total=len(inputs) * iterations)
             for i, row in enumerate(inputs.rows):
-                kept = finished.get(model.name, row)
+                kept = finished.get(f"{slug(model.name)}_row{row:05d}")
                 if kept is not None:
                     used[model.name] = kept["layer"]
                     curves.append(pd.DataFrame(kept["curve"]))
@@ -216,7 +216,7 @@ def run_reconstruct(
                     result.images,
                     f"{model.name} · {result.layer} · row {row}",
                 )
-                finished.put(model.name, row, {"layer": result.layer, "curve": curve})
+                finished.put(f"{slug(model.name)}_row{row:05d}", {"layer": result.layer, "curve": curve})
                 bar.advance(task, iterations)
     losses = pd.concat(curves, ignore_index=True)
     write_csv(losses, folder / "reconstruct_loss.csv")

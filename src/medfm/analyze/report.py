@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -14,7 +12,6 @@ import pandas as pd
 
 import medfm
 from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
-from medfm.errors import MedfmError
 
 
 def pyplot() -> ModuleType:
@@ -83,40 +80,3 @@ def write_row_errors(table: pd.DataFrame, errors: dict[int, str], folder: Path, 
 def slug(text: str) -> str:
     """A file-name-safe form of a model label."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
-class FinishedRows:
-    """Per-image results kept in ``FOLDER/NAME.partial/`` as they finish, so that an interrupted analysis goes on
-    from there with ``resume=True`` (same settings); :meth:`close` removes them once the tables are written."""
-
-    def __init__(self, folder: Path, name: str, settings: dict, resume: bool) -> None:
-        self.path = Path(folder) / f"{name}.partial"
-        state = json.loads(json.dumps(settings, default=str))
-        if resume and self.path.is_dir():
-            previous = (
-                json.loads((self.path / "state.json").read_text()) if (self.path / "state.json").exists() else None
-            )
-            if previous != state:
-                raise MedfmError(
-                    f"{self.path} was made with other models, manifest or settings; run without --resume to start again"
-                )
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        write_json(state, self.path / "state.json")
-
-    def _file(self, model: str, row: int) -> Path:
-        return self.path / f"{slug(model)}_row{row:05d}.json"
-
-    def get(self, model: str, row: int) -> dict | None:
-        """The results an earlier run kept for this model and row, or None."""
-        file = self._file(model, row)
-        return json.loads(file.read_text()) if file.exists() else None
-
-    def put(self, model: str, row: int, results: dict) -> None:
-        """Keep this model's results for a row (JSON-ready data)."""
-        write_json(results, self._file(model, row))
-
-    def close(self) -> None:
-        """Remove the kept rows: the analysis has written its tables."""
-        shutil.rmtree(self.path, ignore_errors=True)

@@ -28,7 +28,6 @@ from medfm.analyze.figures import save_overlays
 from medfm.analyze.inputs import open_manifest, read_inputs
 from medfm.analyze.models import AnalysisModel, main_stages
 from medfm.analyze.report import (
-    FinishedRows,
     interval_text,
     markdown_table,
     slug,
@@ -38,6 +37,7 @@ from medfm.analyze.report import (
 )
 from medfm.analyze.similarity import mean_interval
 from medfm.data.manifest import Manifest
+from medfm.data.outputs import FinishedRows
 from medfm.errors import MedfmError
 from medfm.progress import progress_bar
 
@@ -224,7 +224,7 @@ def run_saliency(
     settings = {"manifest": str(getattr(manifest, "source", manifest)), "models": [m.provenance | {"label": m.name}
                 for m in models], "methods": methods, "window": window, "stride": stride, "target": target,
                 "layer": layer, "steps": steps, "limit": limit, "coords": coords, "overlays": overlays}  # fmt: skip
-    finished = FinishedRows(folder, "saliency", settings, resume)
+    finished = FinishedRows(folder / "saliency.partial", settings, resume)
     for model in models:
         opened = open_manifest(manifest, model.dims, coords)
         table = opened.table
@@ -233,7 +233,7 @@ def run_saliency(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"saliency of {model.name}", total=len(inputs))
             for i, row in enumerate(inputs.rows):
-                kept = finished.get(model.name, row)
+                kept = finished.get(f"{slug(model.name)}_row{row:05d}")
                 if kept is not None:
                     records.extend(kept["records"])
                     bar.advance(task)
@@ -259,7 +259,7 @@ def run_saliency(
                     name = f"{slug(model.name)}_row{row:05d}.png"
                     save_overlays(folder / "overlays" / name, inputs.arrays[i], maps, f"{model.name} · row {row}")
                 records.extend(mine)
-                finished.put(model.name, row, {"records": mine})
+                finished.put(f"{slug(model.name)}_row{row:05d}", {"records": mine})
                 bar.advance(task)
     per_image = pd.DataFrame(records)
     summary_rows = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,38 @@ def write_errors(table: pd.DataFrame, errors: dict[int, str], dest: str | os.Pat
     bad.insert(0, "row", rows)
     bad["reason"] = [errors[r] for r in rows]
     return write_table(bad, path)
+
+
+class FinishedRows:
+    """Results kept in a ``.partial`` folder as each row (image, case) finishes, so that an interrupted command goes
+    on from there with ``resume=True``; the settings must be the same. :meth:`close` removes them once the final
+    tables are written."""
+
+    def __init__(self, path: str | os.PathLike[str], settings: dict, resume: bool) -> None:
+        from medfm.errors import MedfmError
+
+        self.path = Path(path)
+        state = json.loads(json.dumps(settings, default=str))
+        if resume and self.path.is_dir():
+            saved = self.path / "state.json"
+            if (json.loads(saved.read_text()) if saved.exists() else None) != state:
+                raise MedfmError(
+                    f"{self.path} was made with other inputs or settings; run without --resume to start again"
+                )
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        write_json(state, self.path / "state.json")
+
+    def get(self, key: str) -> dict | None:
+        """What an earlier run kept under ``key``, or None."""
+        file = self.path / f"{key}.json"
+        return json.loads(file.read_text()) if file.exists() else None
+
+    def put(self, key: str, results: dict) -> None:
+        """Keep one row's results (JSON-ready data) under ``key``."""
+        write_json(results, self.path / f"{key}.json")
+
+    def close(self) -> None:
+        """Remove the kept rows: the command has written its tables."""
+        shutil.rmtree(self.path, ignore_errors=True)

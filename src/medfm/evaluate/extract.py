@@ -88,12 +88,11 @@ class FeatureRunner:
 
 @dataclass
 class Workers:
-    """The processes of one extraction: this one's rank, how many there are, its device, and the Fabric (or None)."""
+    """The processes of one extraction: this one's rank, how many there are, and its device."""
 
     rank: int = 0
     world: int = 1
     device: str = "auto"
-    fabric: object | None = None
 
     def share(self, manifest: Manifest, rows: list[int]) -> list[int]:
         """This process's rows: whole volumes (or images), dealt round-robin in manifest order."""
@@ -130,7 +129,7 @@ def start_workers(devices: int = 1, num_nodes: int = 1, device: str = "auto") ->
     strategy = DDPStrategy(timeout=timedelta(hours=12))
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     fabric.launch()  # re-runs this command line once per further device; returns in every process
-    return Workers(fabric.global_rank, fabric.world_size, str(fabric.device), fabric)
+    return Workers(fabric.global_rank, fabric.world_size, str(fabric.device))
 
 
 def _partial_dir(out: Path) -> Path:
@@ -305,12 +304,12 @@ def extract_features(
             raise failure
         if failures:
             raise MedfmError(f"another process stopped at a bad row: {failures[0]}")
-        parts = _done_rows(partial, state, manifest, resume=True)  # every process's parts, from the shared folder
         if workers.rank != 0:
             workers.gather(None)  # wait until rank 0 has written the files
             return ExtractResult(
                 out, sidecar_path(out), errors_path(out) if errors else None, len(manifest) - len(errors), errors
             )
+        parts = _done_rows(partial, state, manifest, resume=True)  # every process's parts, from the shared folder
 
     rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
     order = np.argsort(rows, kind="stable")

@@ -14,10 +14,8 @@ column of ``predictions.csv`` (empty where none was written). A row whose DICOM-
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 from medfm.data.images2d import preprocess2d, read_image2d
 from medfm.data.io import Geometry, read_image, write_volume
 from medfm.data.manifest import read_table, validate_manifest
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.outputs import FinishedRows, atomic_path, write_errors, write_table
 from medfm.data.profiles import Profile2D, profile_from_dict
 from medfm.errors import MedfmError, RowError
 from medfm.progress import progress_bar
@@ -37,6 +35,7 @@ from medfm.segment.model import infer_logits
 from medfm.segment.outputs import load_segmenter
 
 DICOM_SEG_MODES = ("auto", "always", "never")
+OUTPUT_FILES = ("mask_file", "overlay_file", "seg_path")  # the files a finished row wrote (resume checks them)
 COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf")
 
 
@@ -142,15 +141,19 @@ def predict_manifest(
     if errors and on_error == "raise":
         row = min(errors)
         raise RowError(row, checked.paths[row], errors[row])
-    partial = out / "predictions.partial"
     state = {"card_sha256": card.get("sha256"), "manifest": str(Path(source).resolve()), "rows": list(checked.paths),
              "overlays": overlays, "dicom_seg": dicom_seg}  # fmt: skip
-    records = _finished_rows(partial, state, out, resume)
+    finished = FinishedRows(out / "predictions.partial", state, resume)
+    records: dict[int, dict[str, object]] = {}
     with progress_bar(progress) as bar:
         task = bar.add_task("segmenting", total=len(checked.table))
         for row, path in enumerate(checked.paths):
             bar.advance(task)
-            if row in errors or row in records:
+            if row in errors:
+                continue
+            kept = finished.get(f"row-{row:06d}")
+            if kept is not None and all((out / str(kept[k])).is_file() for k in OUTPUT_FILES if kept.get(k)):
+                records[row] = kept  # finished by an interrupted run, its files still there
                 continue
             try:
                 stem = f"{row:04d}_{_stem(path)}"
@@ -191,36 +194,15 @@ def predict_manifest(
                         raise RowError(row, path, reason) from None
                     errors[row] = reason
             records[row] = record
-            write_json(record, partial / f"row-{row:06d}.json")  # kept for resume
+            finished.put(f"row-{row:06d}", record)
     rows = sorted(records)
     table = checked.table.iloc[rows].copy()
     for key in next(iter(records.values())) if records else {}:
         table[key] = [records[r][key] for r in rows]
     dest = write_table(table, out / "predictions.csv")
     write_errors(checked.table, errors, dest)
-    shutil.rmtree(partial, ignore_errors=True)
+    finished.close()
     return dest
-
-
-def _finished_rows(partial: Path, state: dict, out: Path, resume: bool) -> dict[int, dict[str, object]]:
-    """The rows an interrupted run finished (``resume``; their files must still be there), else a fresh record."""
-    done: dict[int, dict[str, object]] = {}
-    if resume and partial.is_dir():
-        previous = json.loads((partial / "state.json").read_text()) if (partial / "state.json").exists() else None
-        if previous != json.loads(json.dumps(state)):
-            raise MedfmError(
-                f"{partial} was made with another model card, manifest or options; run without --resume to start again"
-            )
-        for file in sorted(partial.glob("row-*.json")):
-            record = json.loads(file.read_text())
-            written = [record.get(k) for k in ("mask_file", "overlay_file", "seg_path") if record.get(k)]
-            if all((out / str(name)).is_file() for name in written):
-                done[int(file.stem.split("-")[1])] = record
-        return done
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    write_json(state, partial / "state.json")
-    return done
 
 
 def _seg_identity(card: dict, card_path: str | os.PathLike[str]) -> dict:
