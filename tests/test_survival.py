@@ -50,6 +50,51 @@ def test_concordance_index_by_hand():
     assert concordance_index(time, event, risk) == pytest.approx((0.5 + 1 + 1 + 1 + 1) / 5)
 
 
+def _harrell_by_pairs(time, event, risk):
+    """Harrell's C from the definition, pair by pair (lifelines' and scikit-survival's tie convention)."""
+    concordant = comparable = 0.0
+    for i in range(len(time)):
+        for j in range(len(time)):
+            if event[i] and (time[i] < time[j] or (time[i] == time[j] and not event[j])):
+                comparable += 1
+                concordant += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return concordant / comparable
+
+
+def test_concordance_index_event_and_censoring_at_the_same_time_are_comparable():
+    # n = 2, same time, one event: the censored subject outlived it; lifelines and scikit-survival give 1.0 / 0.0
+    assert concordance_index([5.0, 5.0], [1, 0], [2.0, 1.0]) == 1.0
+    assert concordance_index([5.0, 5.0], [1, 0], [1.0, 2.0]) == 0.0
+    assert concordance_index([5.0, 5.0], [1, 0], [1.0, 1.0]) == 0.5
+    assert np.isnan(concordance_index([5.0, 5.0], [1, 1], [2.0, 1.0]))  # two tied events: no comparable pair
+    # tied times and tied risks; lifelines 0.30.3 (concordance_index(time, -risk, event)) gives 0.7222222222222222
+    time = np.array([3.0, 3.0, 5.0, 5.0, 5.0, 7.0, 8.0, 8.0])
+    event = np.array([1, 0, 1, 1, 0, 1, 0, 1])
+    risk = np.array([2.0, 2.0, 1.0, 3.0, 1.0, 0.0, 0.0, 2.0])
+    assert concordance_index(time, event, risk) == pytest.approx(13 / 18, abs=1e-15)
+    assert _harrell_by_pairs(time, event, risk) == pytest.approx(13 / 18, abs=1e-15)
+
+
+# lifelines 0.30.3 on the seeded tied data below (times 1..5, risks 0..3: many ties of both kinds)
+LIFELINES_C = {0: 0.45248868778280543, 1: 0.45026881720430106, 2: 0.36899038461538464}
+
+
+@pytest.mark.parametrize("seed", sorted(LIFELINES_C))
+def test_concordance_index_equals_lifelines_on_tied_data(seed):
+    rng = np.random.default_rng(seed)
+    time = rng.integers(1, 6, 40).astype(float)
+    event = rng.integers(0, 2, 40)
+    risk = rng.integers(0, 4, 40).astype(float)
+    c = concordance_index(time, event, risk)
+    assert c == pytest.approx(LIFELINES_C[seed], abs=1e-12)
+    assert c == pytest.approx(_harrell_by_pairs(time, event, risk), abs=1e-12)
+    try:  # where lifelines is installed, ask it again (it is not a dependency: it pins pandas < 3)
+        from lifelines.utils import concordance_index as lifelines_c
+    except ImportError:
+        return
+    assert c == pytest.approx(lifelines_c(time, -risk, event), abs=1e-12)
+
+
 def test_row_span_fit_equals_full_fit():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 60))

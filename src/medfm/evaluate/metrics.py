@@ -220,11 +220,16 @@ def delong_test(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, level: 
 
 
 def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C: among pairs where the earlier time is an event, the share where it has the higher risk."""
+    """Harrell's C: among comparable pairs, the share where the earlier event has the higher risk (ties count ½).
+
+    A pair is comparable when the shorter time is an event, and also when an event and a censoring fall at the
+    same time (the censored subject outlived the event): the convention of lifelines and scikit-survival.
+    Two events at the same time are not comparable. NaN when no pair is.
+    """
     time, event, risk = (np.asarray(a, dtype=float) for a in (time, event, risk))
     concordant = comparable = 0.0
     for i in np.flatnonzero(event > 0):
-        later = time > time[i]
+        later = (time > time[i]) | ((time == time[i]) & (event <= 0))
         comparable += later.sum()
         concordant += (risk[i] > risk[later]).sum() + 0.5 * (risk[i] == risk[later]).sum()
     return float(concordant / comparable) if comparable else float("nan")
