@@ -24,17 +24,19 @@ from torch import nn
 import medfm.finetune.module as ft_module
 from medfm.cli import main
 from medfm.data import profiles
+from medfm.data.splits import assign_splits
 from medfm.data.synthetic import make_demo_dataset
 from medfm.data.training import EpochSampler
 from medfm.errors import ManifestError, ModelError
 from medfm.evaluate.survival import _neg_log_partial_likelihood
-from medfm.finetune.data import FinetuneData, assign_splits
+from medfm.finetune.data import FinetuneData
 from medfm.finetune.losses import cox_loss
-from medfm.finetune.module import BestWeights, FinetuneModule, mlp_head, task_metrics
+from medfm.finetune.module import FinetuneModule, mlp_head, task_metrics
 from medfm.finetune.outputs import load_finetuned
 from medfm.models import registry
 from medfm.models.backbones import resnet3d
 from medfm.pretrain.export import export_trunk
+from medfm.train.callbacks import BestWeights
 
 SMALL = {"depth": 10, "widen_factor": 0.25}  # 128-d features
 VIEW = [

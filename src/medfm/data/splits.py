@@ -143,3 +143,38 @@ def leaked_groups(splits: Splits, groups: np.ndarray) -> set[object]:
     for train, val in splits.folds:
         leaks |= set(groups[train]) & set(groups[val])
     return leaks
+
+
+def assign_splits(
+    table: pd.DataFrame,
+    strata: np.ndarray,
+    split_column: str | None,
+    groups: np.ndarray | None,
+    seed: int,
+    test_size: float = 0.2,
+    val_size: float = 0.2,
+) -> np.ndarray:
+    """``train``/``val``/``test`` per row: the split column's names, else grouped stratified hold-outs."""
+    if split_column is not None:
+        if split_column not in table.columns:
+            raise ManifestError(f"split column {split_column!r} is not in the manifest")
+        names = table[split_column].astype(str).str.lower().map(SPLIT_NAMES)
+        if names.isna().any():
+            bad = int(np.flatnonzero(names.isna().to_numpy())[0])
+            raise ManifestError(f"row {bad}: split {table[split_column].iloc[bad]!r} is not train, val or test")
+        out = names.to_numpy().astype(object)
+    else:
+        out = np.full(len(table), "train", dtype=object)
+        dev, test = holdout(table, strata, None, groups, test_size, seed)
+        out[test] = "test"
+        sub = table.iloc[dev]
+        train_pos, val_pos = holdout(
+            sub, strata[dev], None, None if groups is None else groups[dev], val_size, seed + 1
+        )
+        out[dev[val_pos]] = "val"
+    if groups is not None:
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = set(groups[out == a]) & set(groups[out == b])
+            if shared:
+                raise ManifestError(f"{len(shared)} patient(s) are in both {a} and {b}, e.g. {sorted(shared)[:3]}")
+    return out.astype(str)

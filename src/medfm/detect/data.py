@@ -23,11 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from medfm.data.images2d import preprocess2d, read_image2d
 from medfm.data.outputs import write_errors
 from medfm.data.profiles import Profile2D, get_profile
-from medfm.data.splits import subsample
+from medfm.data.splits import assign_splits, subsample
 from medfm.data.training import EpochSampler, world
 from medfm.detect.boxes import BoxTable, ImageBoxes, read_boxes
 from medfm.errors import MedfmError, ProfileError, RowError
-from medfm.finetune.data import assign_splits
 from medfm.progress import progress_bar
 
 _READ_CACHE: dict[tuple[str, float, Profile2D], tuple[torch.Tensor, Frame, tuple[int, int]]] = {}

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
         args = predict_parser().parse_args(argv[1:])
         return run_guarded(lambda: _predict(args))
     if argv[:1] == ["sweep"]:
-        from medfm.finetune.launch import run_sweep, sweep_parser
+        from medfm.train.sweep import run_sweep, sweep_parser
 
         args = sweep_parser("detect").parse_args(argv[1:])
         return run_guarded(

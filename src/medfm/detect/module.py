@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from medfm.data.training import world
 from medfm.detect.metrics import RSNA_THRESHOLDS, ImageResult, MatchedDetections, map_metric
 from medfm.detect.model import make_detector
-from medfm.finetune.module import fit_callbacks
+from medfm.train.callbacks import fit_callbacks
 from medfm.train.optim import grouped_optimizer
 
 DEFAULT_INPUT = {"size": [224, 224], "channels": 1, "mean": [0.0], "std": [1.0]}

@@ -26,9 +26,9 @@ from medfm.detect.boxes import read_boxes
 from medfm.detect.data import DetectData, load_image
 from medfm.detect.module import DetectModule
 from medfm.errors import MedfmError, ModelError, RowError
-from medfm.finetune.outputs import write_curves
 from medfm.models import hub
 from medfm.progress import progress_bar
+from medfm.train.curves import write_curves
 
 CARD_KIND = "medfm-detector"
 

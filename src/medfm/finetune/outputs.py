@@ -14,53 +14,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors.torch import load_file
 
 from medfm.data.augment import build_view
 from medfm.data.datasets import iter_volume_items
 from medfm.data.manifest import read_manifest
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table, write_weights
+from medfm.data.outputs import write_errors, write_json, write_table, write_weights
 from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
 from medfm.errors import ModelError
 from medfm.finetune.data import FinetuneData
 from medfm.finetune.module import FinetuneModule, mlp_head
 from medfm.models import hub
 from medfm.models.registry import build_trunk, trunk_args
+from medfm.train.curves import write_curves
 
 CARD_KIND = "medfm-finetuned"
-
-
-def write_curves(history: list[dict[str, float]], folder: Path) -> tuple[Path, Path] | None:
-    """``curves.csv`` and ``curves.png``: validation metrics (and losses) per epoch."""
-    if not history:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = pd.DataFrame(history)
-    csv = write_table(table, folder / "curves.csv")
-    metrics = [c for c in table.columns if c.startswith("val/") and c != "val/loss"]
-    losses = [c for c in ("train/loss", "val/loss") if c in table.columns]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for column in metrics:
-        axes[0].plot(table["epoch"], table[column], marker="o", label=column)
-    for column in losses:
-        axes[1].plot(table["epoch"], table[column], marker="o", label=column)
-    for ax, title in zip(axes, ("validation metrics", "losses")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    png = folder / "curves.png"
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return csv, png
 
 
 def _named_report(report: dict, classes: list[str] | None) -> dict:

@@ -19,9 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medfm.data.profiles import Profile2D, get_profile
-from medfm.data.splits import subsample
+from medfm.data.splits import assign_splits, subsample
 from medfm.data.training import EpochSampler
-from medfm.finetune.data import assign_splits
 from medfm.segment.cases import GEOMETRY_TOLERANCE, Case, CaseSet, load_cases
 from medfm.segment.labels import ClassMap, class_names
 

@@ -4,7 +4,7 @@ Initialisation and freezing follow fine-tuning (``init``: random | published | a
 path; ``freeze``: none | encoder | encoder-until-BLOCK), with ``inflate`` to start a 3D encoder from 2D weights.
 Validation and test run on whole cases, with MONAI's ``sliding_window_inference`` (``overlap``, Gaussian blending)
 when the case is larger than the window; per-case metrics are gathered over ranks (each case counted once). The
-best validation weights are restored at the end of fit (:class:`medfm.finetune.module.BestWeights`); the test mean
+best validation weights are restored at the end of fit (:class:`medfm.train.callbacks.BestWeights`); the test mean
 Dice carries a bootstrap CI over cases (whole patients when the data has groups).
 """
 
@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from monai.losses import DiceCELoss
 
-from medfm.finetune.module import fit_callbacks
 from medfm.segment.metrics import case_metrics, summarise
 from medfm.segment.model import (
     SegmentationUNet,
@@ -26,6 +25,7 @@ from medfm.segment.model import (
     init_report,
     initialise_encoder,
 )
+from medfm.train.callbacks import fit_callbacks
 from medfm.train.distributed import gather, world
 from medfm.train.optim import grouped_optimizer
 

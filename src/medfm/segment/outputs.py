@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 from medfm.data.outputs import write_json, write_table, write_weights
 from medfm.errors import ModelError
-from medfm.finetune.outputs import write_curves
 from medfm.models import hub
 from medfm.models.registry import trunk_args
 from medfm.segment.data import SegmentData
 from medfm.segment.model import SegmentationUNet, build_unet
 from medfm.segment.module import SegmentModule
+from medfm.train.curves import write_curves
 
 CARD_KIND = "medfm-segmenter"
 
