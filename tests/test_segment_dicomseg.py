@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -299,7 +300,8 @@ def test_a_dicom_seg_that_cannot_be_made_keeps_the_nifti_with_skip(tiny_card, tm
     pd.DataFrame({"image_path": [good.name, bare.name]}).to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(RowError, match=r"row 1 \(image_path=.*bare\): DICOM-SEG cannot be made: the series' "
                        r"instances lack SOPInstanceUID .*\(the NIfTI mask 0001_bare_mask\.nii\.gz was written\)"):  # fmt: skip
-        predict_module.predict_manifest(tiny_card, tmp_path / "m.csv", tmp_path / "raise", progress=False)
+        predict_module.predict_manifest(tiny_card, tmp_path / "m.csv", tmp_path / "raise", progress=False,
+                                        dicom_seg="always")  # fmt: skip
     out = tmp_path / "skip"
     assert main(["predict", str(tiny_card), str(tmp_path / "m.csv"), "--out", str(out), "--quiet",
                  "--on-error", "skip", "--dicom-seg", "always"]) == 0  # fmt: skip
@@ -353,3 +355,50 @@ def test_real_ct_series_with_its_own_organ_segmentation(need_shared, tmp_path):
     assert [s.SegmentLabel for s in seg.SegmentSequence] == names
     assert int(seg.NumberOfFrames) == sum(int(np.any(on_image[k] == s)) for s in (1, 2, 3) for k in range(len(z)))
     shutil.rmtree(folder)
+
+
+def test_auto_falls_back_to_the_nifti_mask_with_a_warning_and_resume_follows_the_options(
+    tiny_card, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(predict_module, "_logits", _threshold_logits)
+    good, bare = tmp_path / "good", tmp_path / "bare"
+    write_series(good)
+    write_series(bare, seed=2, SOPInstanceUID=True)  # readable, but a SEG could not reference its instances
+    pd.DataFrame({"image_path": [good.name, bare.name]}).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "auto"
+    with pytest.warns(UserWarning, match=r"row 1 \(image_path=.*bare\): DICOM-SEG cannot be made: .*lack SOPInstanceUID"):
+        predict_module.predict_manifest(tiny_card, tmp_path / "m.csv", out, progress=False)
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert table["seg_path"].tolist() == ["0000_good.seg.dcm", ""]
+    assert table["warnings"][0] == "" and "lack SOPInstanceUID" in table["warnings"][1]
+    assert (out / "0001_bare_mask.nii.gz").is_file() and not (out / "predictions.errors.csv").exists()
+
+    # interrupted after the first row with --dicom-seg never, then resumed with other options
+    original, calls = predict_module._predict3d, []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    def resumed(dest, **options):
+        monkeypatch.setattr(predict_module, "_predict3d", interrupted)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            predict_module.predict_manifest(tiny_card, tmp_path / "m.csv", dest, progress=False, dicom_seg="never")
+        calls.clear()
+        monkeypatch.setattr(predict_module, "_predict3d", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            predict_module.predict_manifest(tiny_card, tmp_path / "m.csv", dest, progress=False, resume=True, **options)
+        assert not (dest / "predictions.partial").exists()
+        return [Path(c).name for c in calls], pd.read_csv(dest / "predictions.csv", keep_default_na=False)
+
+    redone, table = resumed(tmp_path / "never", dicom_seg="never")
+    assert redone == ["bare"] and table["seg_path"].tolist() == ["", ""]  # the kept row has what "never" asks
+    redone, table = resumed(tmp_path / "auto-now", dicom_seg="auto")
+    assert redone == ["good", "bare"]  # the kept row has no SEG and "auto" wants one: it is segmented again
+    assert table["seg_path"].tolist() == ["0000_good.seg.dcm", ""]
+    redone, table = resumed(tmp_path / "overlays", dicom_seg="never", overlays=True)
+    assert redone == ["good", "bare"] and table["overlay_file"].tolist() == ["0000_good_overlay.png", "0001_bare_overlay.png"]

@@ -8,14 +8,17 @@ written as PNG at the image's size. Mask values are class indices (0 background,
 ``--overlays`` adds PNGs: three orthogonal slices through the predicted mask's centroid (3D) or the image (2D).
 When the image is a DICOM series folder, a DICOM-SEG (:mod:`medfm.segment.dicomseg`) is written beside the NIfTI
 (``dicom_seg``: ``auto``; ``always`` makes any other input a row error; ``never``); its file is the ``seg_path``
-column of ``predictions.csv`` (empty where none was written). A row whose DICOM-SEG cannot be made is an error; with
-``on_error="skip"`` it keeps its NIfTI mask and its line in ``predictions.csv`` and is reported in the errors file.
+column of ``predictions.csv`` (empty where none was written). Under ``auto`` a series whose DICOM-SEG cannot be made
+(e.g. instances without UIDs) keeps its NIfTI mask, and the reason goes to the row's ``warnings`` column and to the
+console. Under ``always`` such a row is an error; with ``on_error="skip"`` it keeps its NIfTI mask and its line in
+``predictions.csv`` and is reported in the errors file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +144,8 @@ def predict_manifest(
     if errors and on_error == "raise":
         row = min(errors)
         raise RowError(row, checked.paths[row], errors[row])
-    state = {"card_sha256": card.get("sha256"), "manifest": str(Path(source).resolve()), "rows": list(checked.paths),
-             "overlays": overlays, "dicom_seg": dicom_seg}  # fmt: skip
+    # overlays and dicom_seg are not part of the state: a kept row is reused when it has what they now ask for
+    state = {"card_sha256": card.get("sha256"), "manifest": str(Path(source).resolve()), "rows": list(checked.paths)}
     finished = FinishedRows(out / "predictions.partial", state, resume)
     records: dict[int, dict[str, object]] = {}
     with progress_bar(progress) as bar:
@@ -151,8 +154,9 @@ def predict_manifest(
             bar.advance(task)
             if row in errors:
                 continue
-            kept = finished.get(f"row-{row:06d}")
-            if kept is not None and all((out / str(kept[k])).is_file() for k in OUTPUT_FILES if kept.get(k)):
+            wants_seg = not is_2d and dicom_seg != "never" and os.path.isdir(path)
+            kept = _reusable(finished.get(f"row-{row:06d}"), out, overlays, wants_seg, dicom_seg)
+            if kept is not None:
                 records[row] = kept  # finished by an interrupted run, its files still there
                 continue
             try:
@@ -180,8 +184,8 @@ def predict_manifest(
                     raise RowError(row, path, getattr(err, "reason", str(err))) from None
                 errors[row] = getattr(err, "reason", str(err))
                 continue
-            record["seg_path"] = ""
-            if not is_2d and dicom_seg != "never" and os.path.isdir(path):
+            record["seg_path"], record["warnings"] = "", ""
+            if wants_seg:
                 seg = out / f"{stem}.seg.dcm"
                 try:
                     record["seg_path"] = write_dicom_seg(
@@ -190,19 +194,39 @@ def predict_manifest(
                 except MedfmError as err:
                     seg.unlink(missing_ok=True)  # not one left from an earlier run beside the new mask
                     reason = f"{getattr(err, 'reason', str(err))} (the NIfTI mask {record['mask_file']} was written)"
-                    if on_error == "raise":
+                    if dicom_seg == "auto":  # the NIfTI mask is the result; the SEG was a bonus
+                        record["warnings"] = reason
+                        warnings.warn(f"row {row} (image_path={path}): {reason}", stacklevel=2)
+                    elif on_error == "raise":
                         raise RowError(row, path, reason) from None
-                    errors[row] = reason
+                    else:
+                        errors[row] = reason
             records[row] = record
             finished.put(f"row-{row:06d}", record)
     rows = sorted(records)
     table = checked.table.iloc[rows].copy()
-    for key in next(iter(records.values())) if records else {}:
-        table[key] = [records[r][key] for r in rows]
+    for key in dict.fromkeys(k for r in rows for k in records[r]):  # every key once, in first-seen order
+        table[key] = [records[r].get(key, "") for r in rows]
     dest = write_table(table, out / "predictions.csv")
     write_errors(checked.table, errors, dest)
     finished.close()
     return dest
+
+
+def _reusable(kept: dict | None, out: Path, overlays: bool, wants_seg: bool, dicom_seg: str) -> dict | None:
+    """A row kept by an interrupted run, when its files are still there and it has what the options now ask for."""
+    if kept is None or not all((out / str(kept[k])).is_file() for k in OUTPUT_FILES if kept.get(k)):
+        return None
+    if overlays and not kept.get("overlay_file"):
+        return None
+    if wants_seg and not kept.get("seg_path") and not (dicom_seg == "auto" and kept.get("warnings")):
+        return None  # a SEG is wanted and the earlier run neither wrote one nor said why not
+    if not overlays:
+        kept.pop("overlay_file", None)
+    if dicom_seg == "never" and kept.get("seg_path"):
+        (out / str(kept["seg_path"])).unlink(missing_ok=True)
+        kept["seg_path"] = ""
+    return kept
 
 
 def _seg_identity(card: dict, card_path: str | os.PathLike[str]) -> dict:
