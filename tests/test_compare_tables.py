@@ -49,8 +49,13 @@ def test_compare_two_feature_tables(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "roc_auc A − B = +" in printed and "DeLong" in printed
+    assert "roc_auc A − B = +" in printed and "DeLong (assumes independent rows)" in printed
+    assert "use the grouped bootstrap" in printed
     report = json.loads(out.read_text())
+    # no resample falls on the other side here: the p-value is a bound, printed as one, never as 0
+    assert report["bootstrap_p_below"] is True and report["bootstrap_p"] == 2 / report["difference"]["n_resamples"]
+    assert f"bootstrap {report['bootstrap_p_text']} (paired, resampling whole patient groups)" in printed
+    assert "p = 0," not in printed and report["bootstrap_p_text"].startswith("p < ")
     assert report["difference"]["low"] > 0  # the informative features win, and the CI says so
     assert report["delong"]["p_value"] < 0.01
     assert (tmp_path / "probes" / "a" / "results.json").exists()

@@ -115,7 +115,14 @@ def test_bootstrap_ci_is_seeded():
     assert a.low < a.value < a.high
     assert a.n_resamples == 200
     assert a.level == 0.95
-    assert a.to_dict() == {"value": a.value, "low": a.low, "high": a.high, "level": 0.95, "n_resamples": 200}
+    assert a.to_dict() == {
+        "value": a.value,
+        "low": a.low,
+        "high": a.high,
+        "level": 0.95,
+        "n_resamples": 200,
+        "n_dropped": 0,
+    }
     assert str(a).startswith(f"{a.value:.3f} (95% CI ")
 
 
@@ -188,10 +195,11 @@ def test_grouped_bootstrap_is_wider_with_duplicated_rows():
 # -- paired bootstrap ------------------------------------------------------------------------------------
 def test_paired_bootstrap_of_model_with_itself_is_zero():
     y, proba = _binary(n=80, seed=4)
-    diff, p = paired_bootstrap("roc_auc", y, proba, proba, n_resamples=200, seed=0)
+    result = paired_bootstrap("roc_auc", y, proba, proba, n_resamples=200, seed=0)
+    diff = result.difference
     assert (diff.value, diff.low, diff.high) == (0.0, 0.0, 0.0)
-    assert p == 1.0
-    assert diff.n_resamples == 200
+    assert (result.p_value, result.p_below, result.p_text) == (1.0, False, "p = 1")
+    assert diff.n_resamples == 200 and diff.n_dropped == 0
 
 
 def test_paired_bootstrap_good_beats_noise():
@@ -199,15 +207,59 @@ def test_paired_bootstrap_good_beats_noise():
     rng = np.random.default_rng(9)
     noise = rng.random(100)
     bad = np.c_[1 - noise, noise]
-    diff, p = paired_bootstrap("roc_auc", y, good, bad, n_resamples=200, seed=0)
+    result = paired_bootstrap("roc_auc", y, good, bad, n_resamples=200, seed=0)
+    diff = result.difference
     expected = roc_auc_score(y, good[:, 1]) - roc_auc_score(y, noise)
     assert diff.value == pytest.approx(expected, abs=1e-12)
     assert 0 < diff.low < diff.value < diff.high
-    assert p < 0.01
-    reverse, p_reverse = paired_bootstrap("roc_auc", y, bad, good, n_resamples=200, seed=0)
-    assert reverse.value == pytest.approx(-diff.value, abs=1e-12)
-    assert reverse.high < 0
-    assert p_reverse == p
+    # not one of the 200 resamples lies at or below zero: p is bounded by 2/B, never reported as 0
+    assert diff.low > 0
+    assert (result.p_value, result.p_below, result.p_text) == (2 / 200, True, "p < 0.01")
+    reverse = paired_bootstrap("roc_auc", y, bad, good, n_resamples=200, seed=0)
+    assert reverse.difference.value == pytest.approx(-diff.value, abs=1e-12)
+    assert reverse.difference.high < 0
+    assert (reverse.p_value, reverse.p_below) == (result.p_value, True)
+
+
+def test_paired_bootstrap_p_counts_the_other_side():
+    y, a = _binary(n=60, seed=6, signal=0.8)
+    _, b = _binary(n=60, seed=6, signal=0.6)
+    rng = np.random.default_rng(1)
+    b = np.clip(b + rng.normal(scale=0.2, size=b.shape), 0.01, 0.99)
+    result = paired_bootstrap("roc_auc", y, a, b, n_resamples=300, seed=3)
+    # the same resamples, drawn again here, and the two-sided p from their differences
+    rng = np.random.default_rng(3)
+    diffs = []
+    for _ in range(300):
+        idx = _resample_indices(len(y), None, rng)
+        if len(np.unique(y[idx])) > 1:
+            diffs.append(roc_auc_score(y[idx], a[idx, 1]) - roc_auc_score(y[idx], b[idx, 1]))
+    diffs = np.asarray(diffs)
+    expected = 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))
+    assert 0 < expected < 1  # both sides are populated here
+    assert result.p_value == pytest.approx(expected, abs=1e-12) and not result.p_below
+
+
+def test_dropped_resamples_are_counted_and_noted():
+    # one positive among 12 rows: about (11/12)^12 ≈ 35% of resamples lack it and have no AUC
+    y = np.zeros(12, dtype=int)
+    y[3] = 1
+    p = np.linspace(0.1, 0.9, 12)
+    proba = np.c_[1 - p, p]
+    ci = bootstrap_ci("roc_auc", y, proba, n_resamples=400, seed=2)
+    rng = np.random.default_rng(2)
+    lacking = sum(len(np.unique(y[_resample_indices(12, None, rng)])) < 2 for _ in range(400))
+    assert 0.2 * 400 < lacking < 0.5 * 400
+    assert (ci.n_dropped, ci.n_resamples) == (lacking, 400 - lacking)
+    assert ci.to_dict()["n_dropped"] == lacking
+    note = f"{lacking} of 400 resamples ({lacking / 400:.0%}) dropped"
+    assert note in ci.to_dict()["dropped_note"] and note in str(ci)
+    paired = paired_bootstrap("roc_auc", y, proba, proba[::-1], n_resamples=400, seed=2)
+    assert paired.difference.n_dropped == lacking and note in paired.difference.dropped_note
+    # with both classes common, nothing is dropped and nothing is said
+    y2, proba2 = _binary(n=80, seed=1)
+    plain = bootstrap_ci("roc_auc", y2, proba2, n_resamples=200, seed=0)
+    assert plain.n_dropped == 0 and "dropped_note" not in plain.to_dict() and "dropped" not in str(plain)
 
 
 # -- DeLong ----------------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_compare_with_itself_is_zero(separable_run):
     assert report["n_test"] == len(pd.read_csv(result.out_dir / "predictions.csv"))
     d = report["difference"]
     assert (d["value"], d["low"], d["high"]) == (0.0, 0.0, 0.0)
-    assert report["bootstrap_p"] == 1.0
+    assert report["bootstrap_p"] == 1.0 and report["bootstrap_p_text"] == "p = 1"
     assert report["delong"]["p_value"] == pytest.approx(1.0)
     assert report["delong"]["auc_a"] == report["delong"]["auc_b"] == 1.0
 
@@ -233,6 +233,13 @@ def test_compare_good_vs_noisy(good_and_noisy):
     assert report["delong"]["auc_a"] == pytest.approx(ra.test_metric.value, abs=1e-12)
     assert report["delong"]["auc_b"] == pytest.approx(rb.test_metric.value, abs=1e-12)
     assert report["delong"]["z"] > 2
+    # rows are grouped by patient (2 per patient): DeLong says it assumes independent rows; the bootstrap is grouped
+    assert report["bootstrap"] == "paired, resampling whole patient groups"
+    assert report["delong"]["assumes_independent_rows"] is True
+    n_patients = len(pd.read_csv(ra.out_dir / "predictions.csv")["patient"].unique())
+    assert f"come in {n_patients} patient groups" in report["delong"]["note"]
+    if report["difference"]["low"] > 0 and report["bootstrap_p_below"]:
+        assert report["bootstrap_p"] == 2 / 200 and report["bootstrap_p_text"] == "p < 0.01"
     reverse = compare(rb.results, ra.results, n_bootstrap=200)
     assert reverse["difference"]["value"] == pytest.approx(-d["value"], abs=1e-12)
 
@@ -363,7 +370,7 @@ def test_cli_probe_predict_compare(tmp_path, capsys):
     printed = capsys.readouterr().out
     first, second = printed.splitlines()[:2]
     assert first.startswith("roc_auc A − B = +0.000 (95% CI +0.000 to +0.000), bootstrap p = 1")
-    assert second.startswith("DeLong: AUC 1.000 vs 1.000, z = 0.00, p = 1")
+    assert second.startswith("DeLong (assumes independent rows): AUC 1.000 vs 1.000, z = 0.00, p = 1")  # --group
     report = json.loads(printed[printed.index("{") :])
     assert report["difference"]["value"] == 0.0
 

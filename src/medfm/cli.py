@@ -232,13 +232,17 @@ def _compare(args: argparse.Namespace) -> None:
             progress=False,
         )
     d = report["difference"]
+    dropped = f" [{d['dropped_note']}]" if d.get("dropped_note") else ""
     print(
-        f"{report['scoring']} A − B = {d['value']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}), "
-        f"bootstrap p = {report['bootstrap_p']:.3g}, {report['n_test']} test rows"
+        f"{report['scoring']} A − B = {d['value']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}){dropped}, "
+        f"bootstrap {report['bootstrap_p_text']} ({report['bootstrap']}), {report['n_test']} test rows"
     )
     if "delong" in report:
         dl = report["delong"]
-        print(f"DeLong: AUC {dl['auc_a']:.3f} vs {dl['auc_b']:.3f}, z = {dl['z']:.2f}, p = {dl['p_value']:.3g}")
+        label = "DeLong (assumes independent rows)" if dl.get("note") else "DeLong"
+        print(f"{label}: AUC {dl['auc_a']:.3f} vs {dl['auc_b']:.3f}, z = {dl['z']:.2f}, p = {dl['p_value']:.3g}")
+        if dl.get("note"):
+            print(f"  {dl['note']}")
     if args.out:
         from medfm.data.outputs import write_json
 

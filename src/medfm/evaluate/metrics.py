@@ -70,28 +70,49 @@ def score(metric: str, y: np.ndarray, proba: np.ndarray, classes: np.ndarray | N
     return float(average_precision_score(onehot[:, present], proba[:, present], average="macro"))
 
 
+# A CI whose resamples were dropped (a metric undefined there, e.g. one class only) above this share says so.
+DROPPED_NOTE_SHARE = 0.05
+
+
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its bootstrap confidence interval."""
+    """A point estimate with its bootstrap confidence interval (``n_dropped`` resamples had no value)."""
 
     value: float
     low: float
     high: float
     level: float
     n_resamples: int
+    n_dropped: int = 0
 
-    def to_dict(self) -> dict[str, float]:
-        """The interval as plain data."""
-        return {
+    @property
+    def dropped_note(self) -> str | None:
+        """A warning when more than 5% of the resamples were dropped (the CI then leans on the rest), else None."""
+        asked = self.n_resamples + self.n_dropped
+        if not asked or self.n_dropped / asked <= DROPPED_NOTE_SHARE:
+            return None
+        return (
+            f"{self.n_dropped} of {asked} resamples ({self.n_dropped / asked:.0%}) dropped: "
+            "the metric is undefined there (e.g. one class only)"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """The interval as plain data (with ``dropped_note`` when more than 5% of resamples were dropped)."""
+        data: dict[str, object] = {
             "value": self.value,
             "low": self.low,
             "high": self.high,
             "level": self.level,
             "n_resamples": self.n_resamples,
+            "n_dropped": self.n_dropped,
         }
+        if self.dropped_note:
+            data["dropped_note"] = self.dropped_note
+        return data
 
     def __str__(self) -> str:
-        return f"{self.value:.3f} ({self.level:.0%} CI {self.low:.3f}–{self.high:.3f})"
+        text = f"{self.value:.3f} ({self.level:.0%} CI {self.low:.3f}–{self.high:.3f})"
+        return f"{text} [{self.dropped_note}]" if self.dropped_note else text
 
 
 def _resample_indices(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
@@ -116,11 +137,14 @@ def bootstrap_values(
     return np.asarray([v for v in values if np.isfinite(v)], dtype=float)
 
 
-def percentile_interval(value: float, values: np.ndarray, level: float = 0.95) -> Interval:
-    """The percentile bootstrap interval of ``values`` around the point estimate ``value``."""
+def percentile_interval(
+    value: float, values: np.ndarray, level: float = 0.95, n_requested: int | None = None
+) -> Interval:
+    """The percentile bootstrap interval of ``values`` around ``value``; ``n_requested`` counts the dropped ones."""
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha]) if len(values) else (np.nan, np.nan)
-    return Interval(float(value), float(low), float(high), level, len(values))
+    dropped = max(0, n_requested - len(values)) if n_requested is not None else 0
+    return Interval(float(value), float(low), float(high), level, len(values), dropped)
 
 
 def bootstrap_ci(
@@ -140,7 +164,25 @@ def bootstrap_ci(
         return score(metric, y[idx], proba[idx], classes) if len(np.unique(y[idx])) > 1 else np.nan
 
     values = bootstrap_values(one, len(y), groups, n_resamples, seed)
-    return percentile_interval(score(metric, y, proba, classes), values, level)
+    return percentile_interval(score(metric, y, proba, classes), values, level, n_resamples)
+
+
+@dataclass(frozen=True)
+class PairedBootstrap:
+    """A paired bootstrap of metric(A) − metric(B): the CI of the difference and the two-sided p of no difference.
+
+    When no resample falls on the other side of zero the p-value is only bounded: ``p_below`` is then True and
+    ``p_value`` is that bound, 2/B for B kept resamples (the smallest non-zero value the two-sided estimate takes).
+    """
+
+    difference: Interval
+    p_value: float
+    p_below: bool
+
+    @property
+    def p_text(self) -> str:
+        """``p = 0.034``, or ``p < 0.002`` when no resample fell on the other side."""
+        return f"p < {self.p_value:.2g}" if self.p_below else f"p = {self.p_value:.3g}"
 
 
 def paired_bootstrap(
@@ -153,8 +195,8 @@ def paired_bootstrap(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
-) -> tuple[Interval, float]:
-    """CI of metric(A) − metric(B) on the same resamples, and the two-sided bootstrap p-value of no difference."""
+) -> PairedBootstrap:
+    """CI of metric(A) − metric(B) on the same resamples (whole groups when given), and its bootstrap p-value."""
     y = np.asarray(y)
 
     def diff(idx: np.ndarray) -> float:
@@ -164,8 +206,13 @@ def paired_bootstrap(
 
     diffs = bootstrap_values(diff, len(y), groups, n_resamples, seed)
     point = score(metric, y, proba_a, classes) - score(metric, y, proba_b, classes)
-    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))) if len(diffs) else float("nan")
-    return percentile_interval(point, diffs, level), float(p)
+    interval = percentile_interval(point, diffs, level, n_resamples)
+    if not len(diffs):
+        return PairedBootstrap(interval, float("nan"), False)
+    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+    if p == 0:  # no resample on the other side of zero: the estimate is below its resolution, not zero
+        return PairedBootstrap(interval, 2 / len(diffs), True)
+    return PairedBootstrap(interval, float(p), False)
 
 
 @dataclass(frozen=True)

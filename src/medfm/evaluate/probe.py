@@ -137,7 +137,8 @@ def _markdown(summary: dict, metrics: dict[str, Interval]) -> str:
     ]
     for name, m in metrics.items():
         star = " (searched)" if name == summary["scoring"] else ""
-        lines.append(f"| {name}{star} | {m.value:.3f} | {m.low:.3f}–{m.high:.3f} |")
+        note = f" ({m.dropped_note})" if m.dropped_note else ""
+        lines.append(f"| {name}{star} | {m.value:.3f} | {m.low:.3f}–{m.high:.3f}{note} |")
     lines += ["", "Class balance:", ""]
     for part, counts in summary["class_balance"].items():
         lines.append(f"- {part}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -225,10 +226,25 @@ def compare(
     group = sa.get("grouped_by")
     groups = merged[f"{group}_a"].astype(str).to_numpy() if group else None
     scoring = sa["scoring"]
-    diff, p = paired_bootstrap(scoring, y, probas[0], probas[1], classes, groups, n_bootstrap, seed=seed)
-    report: dict[str, object] = {"scoring": scoring, "n_test": len(y), "difference": diff.to_dict(), "bootstrap_p": p}
+    paired = paired_bootstrap(scoring, y, probas[0], probas[1], classes, groups, n_bootstrap, seed=seed)
+    report: dict[str, object] = {
+        "scoring": scoring,
+        "n_test": len(y),
+        "difference": paired.difference.to_dict(),
+        "bootstrap_p": paired.p_value,
+        "bootstrap_p_below": paired.p_below,
+        "bootstrap_p_text": paired.p_text,
+        "bootstrap": f"paired, resampling {'whole ' + group + ' groups' if group else 'rows'}",
+    }
     if len(classes) == 2:
-        report["delong"] = delong_test(y == classes[1], probas[0][:, 1], probas[1][:, 1]).to_dict()
+        delong = delong_test(y == classes[1], probas[0][:, 1], probas[1][:, 1]).to_dict()
+        delong["assumes_independent_rows"] = True
+        if group:  # DeLong's variance treats rows as independent: with several rows per group it is too small
+            delong["note"] = (
+                f"DeLong assumes independent rows; these {len(y)} rows come in {len(np.unique(groups))} "
+                f"{group} groups, so its p-value is too small: use the grouped bootstrap"
+            )
+        report["delong"] = delong
     return report
 
 

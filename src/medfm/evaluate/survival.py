@@ -130,7 +130,9 @@ def run_survival(
         "n_development": len(dev),
         "n_test": len(test),
         "events_test": int(e.sum()),
-        "test": {"c_index": percentile_interval(concordance_index(t, e, risk), c_values).to_dict()},
+        "test": {
+            "c_index": percentile_interval(concordance_index(t, e, risk), c_values, n_requested=n_bootstrap).to_dict()
+        },
     }
     if horizon is not None:
         known, died = alive_at_labels(t, e, horizon)
@@ -142,7 +144,9 @@ def run_survival(
                 return float(roc_auc_score(died[i], r[i])) if 0 < died[i].sum() < len(i) else float("nan")
 
             values = bootstrap_values(auc_of, len(died), None if g is None else g[known], n_bootstrap, seed)
-            report["test"][f"auc_died_by_{horizon:g}"] = percentile_interval(auc, values).to_dict()
+            report["test"][f"auc_died_by_{horizon:g}"] = percentile_interval(
+                auc, values, n_requested=n_bootstrap
+            ).to_dict()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_table(
