@@ -291,3 +291,51 @@ def test_checkpoint_that_is_not_a_dict(tmp_path):
 def test_checkpoint_without_tensors():
     with pytest.raises(CheckpointError, match="no tensors"):
         read_trunk({"state_dict": {"epoch": 3, "lr": 0.1}})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("fmt", ["fmcib-torch", "safetensors", "in-memory"])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, target, source_state, bad, fmt):
+    state = {k: v.clone() for k, v in source_state.items()}
+    state["layer2.0.conv1.weight"].view(-1)[[3, 7]] = bad
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    if fmt == "fmcib-torch":
+        src = tmp_path / "model_weights.torch"
+        torch.save({"trunk_state_dict": state}, src)
+        name = "'trunk_state_dict.layer2.0.conv1.weight'"
+    elif fmt == "safetensors":
+        src = tmp_path / "w.safetensors"
+        save_file(state, src)
+        name = "'layer2.0.conv1.weight'"
+    else:
+        src = state
+        name = "'layer2.0.conv1.weight'"
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(CheckpointError) as info:
+        load_weights(target, src)
+    assert str(info.value) == (
+        f"{src if fmt != 'in-memory' else 'the checkpoint'}: tensor {name} holds 2 of "
+        f"{state['layer2.0.conv1.weight'].numel()} values that are not finite ({kind}); "
+        "the weights are damaged and are refused"
+    )
+    assert_state_equal(target, before)  # nothing was loaded
+
+
+def test_non_finite_weights_inside_an_archive_name_the_member(tmp_path, source_state):
+    import tarfile
+
+    state = {k: v.clone() for k, v in source_state.items()}
+    state["fc.bias"] = torch.tensor([1.0, float("nan")])
+    weights = tmp_path / "resnet.pth"
+    torch.save(state, weights)
+    archive = tmp_path / "weights.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(weights, arcname="model/resnet.pth")
+    with pytest.raises(CheckpointError, match=r"\[model/resnet\.pth\]: tensor 'fc\.bias' holds 1 of 2 values"):
+        read_checkpoint(archive)
+
+
+def test_finite_integer_and_empty_tensors_pass(tmp_path):
+    path = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2), "steps": torch.tensor(3), "empty": torch.zeros(0), "meta": {"epoch": 1}}, path)
+    assert set(read_checkpoint(path)) == {"w", "steps", "empty", "meta"}

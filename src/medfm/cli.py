@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from medfm import __version__
-from medfm.errors import MedfmError
+from medfm.errors import MedfmError, run_guarded
 
 
 def _crop(args: argparse.Namespace) -> None:
@@ -546,20 +544,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Call a parsed command (its ``func``), turning medfm errors into one line and exit status 2."""
     return run_guarded(lambda: args.func(args), "finished rows are kept, continue with --resume")
-
-
-def run_guarded(command: Callable[[], object], on_interrupt: str = "") -> int:
-    """Run ``command``; a medfm error (or ValueError) becomes one line on stderr and status 2, Ctrl-C status 130."""
-    warnings.filterwarnings("ignore", module="monai")
-    try:
-        command()
-    except (MedfmError, ValueError) as err:
-        print(f"medfm: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("medfm: interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr)
-        return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``medfm analyze …``; returns the exit status (2 for a medfm error, printed as one line)."""
-    from medfm.cli import run_guarded
+    from medfm.errors import run_guarded
 
     args = build_parser().parse_args(argv)
     return run_guarded(

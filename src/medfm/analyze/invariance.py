@@ -29,6 +29,7 @@ from medfm.analyze.report import (
 from medfm.analyze.similarity import Whitener, fit_whitener, mean_interval, similarities
 from medfm.analyze.transforms import FLIP_AXES, UNITS, Level, apply_transform, sweep
 from medfm.data.manifest import Manifest
+from medfm.errors import ConfigError
 from medfm.progress import progress_bar
 
 MEASURES = ("mahalanobis", "cosine")
@@ -45,7 +46,7 @@ class InvarianceResult:
 
 def _whitener(features: np.ndarray, shrinkage: float | None = None) -> Whitener | None:
     if shrinkage is not None and not 0 <= shrinkage <= 1:
-        raise ValueError(f"shrinkage={shrinkage}; must lie in [0, 1]")
+        raise ConfigError(f"shrinkage={shrinkage}; must lie in [0, 1]")
     try:
         return fit_whitener(features, shrinkage)
     except ValueError:

@@ -38,7 +38,7 @@ from medfm.analyze.report import (
 from medfm.analyze.similarity import mean_interval
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import FinishedRows
-from medfm.errors import MedfmError
+from medfm.errors import ConfigError, MedfmError
 from medfm.progress import progress_bar
 
 METHODS = ("occlusion", "gradcam", "integrated_gradients")
@@ -64,7 +64,7 @@ def _per_axis(value: int | tuple[int, ...] | None, shape: tuple[int, ...], defau
         return tuple(default)
     values = (value,) * len(shape) if isinstance(value, int) else tuple(value)
     if len(values) != len(shape) or min(values) < 1:
-        raise ValueError(f"window/stride {value} must be one positive size or {len(shape)} of them")
+        raise ConfigError(f"window/stride {value} must be one positive size or {len(shape)} of them")
     return tuple(min(v, s) for v, s in zip(values, shape))
 
 
@@ -210,7 +210,7 @@ def run_saliency(
     methods = tuple(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown saliency method(s) {unknown}; allowed {list(METHODS)}")
+        raise ConfigError(f"unknown saliency method(s) {unknown}; allowed {list(METHODS)}")
     heads = [m for m in methods if m != "occlusion"]
     if asked and heads and not any(m.head is not None for m in models):
         warnings.warn(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.covariance import ledoit_wolf_shrinkage
 
+from medfm.errors import ConfigError
 from medfm.evaluate.metrics import Interval, bootstrap_values, percentile_interval
 
 
@@ -44,16 +45,16 @@ def fit_whitener(features: np.ndarray, shrinkage: float | None = None) -> Whiten
     x = np.asarray(features, dtype=np.float64)
     n, d = x.shape
     if n < 2:
-        raise ValueError(f"whitening needs at least 2 images, got {n}")
+        raise ConfigError(f"whitening needs at least 2 images, got {n}")
     mean = x.mean(axis=0)
     centred = x - mean
     _, singular, vt = np.linalg.svd(centred / np.sqrt(n), full_matrices=False)
     eig = singular**2  # eigenvalues of S = centred.T @ centred / n
     nu = float(eig.sum() / d)
     if nu <= 1e-20:
-        raise ValueError("all original features are equal; there is no covariance to whiten with")
+        raise ConfigError("all original features are equal; there is no covariance to whiten with")
     if shrinkage is not None and not 0 <= shrinkage <= 1:
-        raise ValueError(f"shrinkage={shrinkage}; must lie in [0, 1]")
+        raise ConfigError(f"shrinkage={shrinkage}; must lie in [0, 1]")
     if shrinkage is not None:
         alpha = float(shrinkage)
     else:

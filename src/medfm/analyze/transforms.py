@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from medfm.errors import ConfigError
+
 TRANSFORMS = (
     "identity",
     "rotation",
@@ -92,10 +94,10 @@ def sweep(
     names = list(transforms or [t for t in TRANSFORMS])
     unknown = [t for t in names if t not in TRANSFORMS]
     if unknown:
-        raise ValueError(f"unknown transform(s) {unknown}; allowed {list(TRANSFORMS)}")
+        raise ConfigError(f"unknown transform(s) {unknown}; allowed {list(TRANSFORMS)}")
     bad = [t for t in (strengths or {}) if t not in TRANSFORMS]
     if bad:
-        raise ValueError(f"strengths given for unknown transform(s) {bad}; allowed {list(TRANSFORMS)}")
+        raise ConfigError(f"strengths given for unknown transform(s) {bad}; allowed {list(TRANSFORMS)}")
     levels = []
     for name in names:
         values = list((strengths or {}).get(name) or DEFAULT_STRENGTHS[name])
@@ -110,13 +112,13 @@ def sweep(
 def check_strength(name: str, value: float, dims: int) -> None:
     """Raise ValueError when a strength makes no sense for its transform."""
     if name == "flip" and value not in [float(a) for a in range(1, dims + 1)]:
-        raise ValueError(f"flip strength {value:g}: an axis 1..{dims} (1 X, 2 Y{', 3 Z' if dims == 3 else ''})")
+        raise ConfigError(f"flip strength {value:g}: an axis 1..{dims} (1 X, 2 Y{', 3 Z' if dims == 3 else ''})")
     if name in ("scale", "gamma") and value <= 0:
-        raise ValueError(f"{name} strength {value:g} must be positive")
+        raise ConfigError(f"{name} strength {value:g} must be positive")
     if name == "crop" and not 0 < value <= 1:
-        raise ValueError(f"crop strength {value:g} is the kept fraction of the side: in (0, 1]")
+        raise ConfigError(f"crop strength {value:g} is the kept fraction of the side: in (0, 1]")
     if name in ("blur", "noise") and value < 0:
-        raise ValueError(f"{name} strength {value:g} must not be negative")
+        raise ConfigError(f"{name} strength {value:g} must not be negative")
 
 
 def _channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,4 +206,4 @@ def apply_transform(x: torch.Tensor, level: Level, seed: int = 0) -> torch.Tenso
         return low + span * ((x - low) / span).clamp(0, 1) ** s
     if name == "intensity":
         return x + s * span
-    raise ValueError(f"unknown transform {name!r}; allowed {list(TRANSFORMS)}")
+    raise ConfigError(f"unknown transform {name!r}; allowed {list(TRANSFORMS)}")

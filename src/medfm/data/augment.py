@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfm.errors import ConfigError
+
 __all__ = ["OPS_2D", "OPS_3D", "ViewPipeline", "build_view", "default_view"]
 
 _SEED_BOUND = 2**32
@@ -565,7 +567,7 @@ OPS_2D: dict[str, Callable[[Mapping[str, Any]], _Op]] = {
 def _registry(dims: int) -> dict[str, Callable[[Mapping[str, Any]], _Op]]:
     """The op table for ``dims``."""
     if isinstance(dims, bool) or dims not in (2, 3):
-        raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+        raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
     return OPS_3D if dims == 3 else OPS_2D
 
 
@@ -575,16 +577,16 @@ class ViewPipeline:
     def __init__(self, spec: Sequence[Mapping[str, Any]], dims: int) -> None:
         ops = _registry(dims)
         if isinstance(spec, (str, Mapping)) or not isinstance(spec, Sequence):
-            raise ValueError(f"a view spec must be a list of dicts, got {type(spec).__name__}")
+            raise ConfigError(f"a view spec must be a list of dicts, got {type(spec).__name__}")
         self.dims = int(dims)
         self.spec: list[dict] = []
         self._ops: list[_Op] = []
         for i, item in enumerate(spec):
             if not isinstance(item, Mapping) or not isinstance(item.get("op"), str):
-                raise ValueError(f"view spec item {i} must be a dict with an 'op' name, got {item!r}")
+                raise ConfigError(f"view spec item {i} must be a dict with an 'op' name, got {item!r}")
             name = item["op"]
             if name not in ops:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown augmentation op {name!r} for a {self.dims}D view; known ops: {', '.join(sorted(ops))}"
                 )
             params = {k: copy.deepcopy(v) for k, v in item.items() if k != "op"}
@@ -600,7 +602,7 @@ class ViewPipeline:
     def __call__(self, array: np.ndarray, seed: int) -> np.ndarray:
         """Augment one channel-first array; the same array and seed always give the same float32 output."""
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
         x = np.asarray(array, dtype=np.float32)
         if x.ndim != self.dims + 1:
             layout = "(C, Z, Y, X)" if self.dims == 3 else "(C, H, W)"
@@ -634,9 +636,9 @@ def default_view(dims: int, size: tuple[int, ...], strength: str = "ssl") -> lis
         size = (int(size),) * dims
     size = tuple(int(s) for s in size)
     if len(size) != dims or any(s < 1 for s in size):
-        raise ValueError(f"size must be {dims} positive integers for a {dims}D view, got {size!r}")
+        raise ConfigError(f"size must be {dims} positive integers for a {dims}D view, got {size!r}")
     if strength not in _STRENGTHS:
-        raise ValueError(f"strength must be one of {', '.join(_STRENGTHS)}, got {strength!r}")
+        raise ConfigError(f"strength must be one of {', '.join(_STRENGTHS)}, got {strength!r}")
     target = list(size)
     if strength == "eval":
         return [{"op": "center_crop", "size": target}]

@@ -16,7 +16,7 @@ from medfm.data.io import Geometry, dicom_stack, read_geometry, read_region, rea
 from medfm.data.manifest import Manifest
 from medfm.data.patches import PatchPlan, plan_patch, sample_patch, source_region
 from medfm.data.profiles import Profile, Profile2D
-from medfm.errors import MedfmError, RowError
+from medfm.errors import ConfigError, MedfmError, RowError
 
 
 @dataclass
@@ -117,7 +117,7 @@ def iter_volume_items(
     :class:`RowError`; with ``'skip'`` bad rows are reported in each item's ``errors``.
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
+        raise ConfigError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
     wanted = set(range(len(manifest)) if rows is None else rows)
     early = {r: reason for r, reason in manifest.row_errors.items() if r in wanted}
     if early and on_error == "raise":

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from medfm.errors import ManifestError
+from medfm.errors import ConfigError, ManifestError
 
 SPLIT_NAMES = {
     "train": "train",
@@ -78,7 +78,7 @@ def holdout(
 def subsample(rows: np.ndarray, y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
     """A seeded share of ``rows``, stratified by label; whole groups (patients) are kept or dropped together."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"train fraction {fraction} must lie in (0, 1]")
+        raise ConfigError(f"train fraction {fraction} must lie in (0, 1]")
     if fraction == 1:
         return rows
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ from medfm.data.io import Volume, read_volume
 from medfm.data.manifest import Manifest
 from medfm.data.patches import plan_patch, sample_patch
 from medfm.data.profiles import Profile, Profile2D
-from medfm.errors import MedfmError, RowError
+from medfm.errors import ConfigError, MedfmError, RowError
 from medfm.progress import progress_bar
 
 STORE_VERSION = "1"
@@ -147,9 +147,9 @@ def build_store(
     Bad rows raise :class:`RowError` (``on_error='raise'``) or are left out and listed in ``errors.json``.
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
+        raise ConfigError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
     if isinstance(profile, Profile2D) and negatives:
-        raise ValueError("mined negatives need 3D scans: a 2D image has no 'elsewhere in the same scan'")
+        raise ConfigError("mined negatives need 3D scans: a 2D image has no 'elsewhere in the same scan'")
     wanted = list(range(len(manifest))) if rows is None else list(rows)
     early = {r: manifest.row_errors[r] for r in wanted if r in manifest.row_errors}
     if early and on_error == "raise":
@@ -336,11 +336,11 @@ def store_from_arrays(
     if images.ndim == dims + 1:
         images = images[:, None]
     if images.ndim != dims + 2:
-        raise ValueError(f"images of shape {images.shape} do not match a {dims}D size {size}")
+        raise ConfigError(f"images of shape {images.shape} do not match a {dims}D size {size}")
     big = np.asarray(size) + 2 * margin
     spatial = np.asarray(images.shape[2:])
     if np.any(big > spatial):
-        raise ValueError(f"patch {tuple(big)} (size + 2·margin) is larger than the images {tuple(spatial)}")
+        raise ConfigError(f"patch {tuple(big)} (size + 2·margin) is larger than the images {tuple(spatial)}")
     root = Path(root)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

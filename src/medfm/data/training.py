@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medfm.data.augment import ViewPipeline
 from medfm.data.store import PatchStore
+from medfm.errors import ConfigError
 
 NO_LABEL = -1
 
@@ -88,7 +89,7 @@ class StoreViews(Dataset):
         targets: np.ndarray | None = None,
     ) -> None:
         if mined and store.negatives is None:
-            raise ValueError("mined negatives asked for, but the store has none (build it with negatives > 0)")
+            raise ConfigError("mined negatives asked for, but the store has none (build it with negatives > 0)")
         self.store = store
         self.view = view
         self.indices = np.arange(len(store)) if indices is None else np.asarray(indices)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from medfm.data.manifest import read_table
-from medfm.errors import ManifestError, RowError
+from medfm.errors import ConfigError, ManifestError, RowError
 
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
 FORMATS = ("auto", "csv", "yolo", "coco", "images")
@@ -241,16 +241,16 @@ def _parse_yolo(text: str, txt: str, height: int, width: int, classes: list[str]
             continue
         where = f"{Path(txt).name} line {number}"
         if len(fields) != 5:
-            raise ValueError(f"{where}: expected 'label x_center y_center width height', got {line.strip()!r}")
+            raise ConfigError(f"{where}: expected 'label x_center y_center width height', got {line.strip()!r}")
         try:
             label_id = int(fields[0])
             xc, yc, w, h = (float(v) for v in fields[1:])
         except ValueError:
-            raise ValueError(f"{where}: not numbers: {line.strip()!r}") from None
+            raise ConfigError(f"{where}: not numbers: {line.strip()!r}") from None
         if label_id < 0 or (classes is not None and label_id >= len(classes)):
-            raise ValueError(f"{where}: class id {label_id} is not in 0..{len(classes or []) - 1} ({classes})")
+            raise ConfigError(f"{where}: class id {label_id} is not in 0..{len(classes or []) - 1} ({classes})")
         if not all(np.isfinite([xc, yc, w, h])) or max(abs(xc), abs(yc), abs(w), abs(h)) > 2:
-            raise ValueError(f"{where}: YOLO coordinates are normalised to [0, 1]; got {line.strip()!r}")
+            raise ConfigError(f"{where}: YOLO coordinates are normalised to [0, 1]; got {line.strip()!r}")
         rows.append(
             {
                 "x_min": (xc - w / 2) * width,

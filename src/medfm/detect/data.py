@@ -26,7 +26,7 @@ from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import assign_splits, subsample
 from medfm.data.training import EpochSampler, world
 from medfm.detect.boxes import BoxTable, ImageBoxes, read_boxes
-from medfm.errors import MedfmError, ProfileError, RowError
+from medfm.errors import ConfigError, MedfmError, ProfileError, RowError
 from medfm.progress import progress_bar
 
 _READ_CACHE: dict[tuple[str, float, Profile2D], tuple[torch.Tensor, Frame, tuple[int, int]]] = {}
@@ -118,7 +118,7 @@ def box_transform(augment: dict | None) -> object | None:
 
     unknown = set(augment) - set(DEFAULT_AUGMENT) - {"vflip"}
     if unknown:
-        raise ValueError(f"augment: unknown key(s) {sorted(unknown)}; allowed {sorted(DEFAULT_AUGMENT) + ['vflip']}")
+        raise ConfigError(f"augment: unknown key(s) {sorted(unknown)}; allowed {sorted(DEFAULT_AUGMENT) + ['vflip']}")
     ops = []
     if augment.get("flip"):
         ops.append(v2.RandomHorizontalFlip(p=float(augment["flip"])))
@@ -252,7 +252,7 @@ class DetectData(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
+            raise ConfigError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
         self.save_hyperparameters()
         self.profile = detection_profile(profile, image_size)
         self.boxes: BoxTable = read_boxes(manifest, format, class_names, image_root)
@@ -369,7 +369,7 @@ class DetectData(pl.LightningDataModule):
         """Shuffled training views, equal shares per rank; an incomplete last batch is dropped."""
         dataset = self.dataset("train", train=True)
         if len(dataset) == 0:
-            raise ValueError("no training images (check the split column and train_fraction)")
+            raise ConfigError("no training images (check the split column and train_fraction)")
         return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:

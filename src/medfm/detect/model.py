@@ -26,7 +26,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-from medfm.errors import ModelError
+from medfm.errors import ConfigError, ModelError
 from medfm.models import hub
 from medfm.models.registry import build_trunk, get_entry, list_models
 from medfm.models.transfer import TransferReport, transfer_weights
@@ -130,9 +130,9 @@ def build_detector(
     2000, 512 and 1024: far more than images with a few lesions need, and most of the CPU time). RetinaNet:
     ``rpn_proposals`` candidates per level before NMS."""
     if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}; allowed {ARCHS}")
+        raise ConfigError(f"arch={arch!r}; allowed {ARCHS}")
     if len(anchor_sizes) != 5:
-        raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
+        raise ConfigError(f"anchor_sizes needs one size per pyramid level (5), got {list(anchor_sizes)}")
     common = {
         "min_size": int(min(image_size)),
         "max_size": int(max(image_size)),

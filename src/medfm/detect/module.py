@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from medfm.data.training import world
 from medfm.detect.metrics import RSNA_THRESHOLDS, ImageResult, MatchedDetections, map_metric
 from medfm.detect.model import make_detector
+from medfm.errors import ConfigError
 from medfm.train.callbacks import fit_callbacks
 from medfm.train.optim import grouped_optimizer
 
@@ -83,7 +84,7 @@ class DetectModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if not classes:
-            raise ValueError("model.classes is empty: give the class names (`medfm detect fit` takes them from data)")
+            raise ConfigError("model.classes is empty: give the class names (`medfm detect fit` takes them from data)")
         self.save_hyperparameters()
         spec = {**DEFAULT_INPUT, **(input_spec or {})}
         self.detector, self.init_report, self.frozen = make_detector(

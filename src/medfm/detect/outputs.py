@@ -25,7 +25,7 @@ from medfm.data.profiles import Profile2D
 from medfm.detect.boxes import read_boxes
 from medfm.detect.data import DetectData, load_image
 from medfm.detect.module import DetectModule
-from medfm.errors import MedfmError, ModelError, RowError
+from medfm.errors import ConfigError, MedfmError, ModelError, RowError
 from medfm.models import hub
 from medfm.progress import progress_bar
 from medfm.train.curves import write_curves
@@ -156,7 +156,7 @@ def predict_boxes(
     in each image's own pixel coordinates (the resize undone), one empty-box row for an image with no box above
     ``score_threshold``. ``overlays``: a folder of PNGs with predicted (red) and true (green) boxes."""
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
+        raise ConfigError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
     module, profile = load_detector(model_path)
     classes = list(module.hparams.classes)
     boxes = read_boxes(manifest, format, classes if format != "coco" else None)

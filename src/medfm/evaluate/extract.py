@@ -37,7 +37,7 @@ from medfm.data.outputs import (
     write_json,
 )
 from medfm.data.profiles import Profile, Profile2D, get_profile
-from medfm.errors import MedfmError
+from medfm.errors import ConfigError, MedfmError
 from medfm.models.registry import PUBLISHED, LoadedModel, load_model
 from medfm.progress import progress_bar
 
@@ -67,7 +67,7 @@ class FeatureRunner:
 
     def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "32") -> None:
         if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r}; allowed {PRECISIONS}")
+            raise ConfigError(f"precision={precision!r}; allowed {PRECISIONS}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision

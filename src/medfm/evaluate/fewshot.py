@@ -10,6 +10,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
 from medfm.data.splits import holdout
+from medfm.errors import ConfigError
 from medfm.evaluate.features import read_labelled
 
 HEADS = ("prototype", "logistic")
@@ -51,9 +52,9 @@ class FewShot:
         seed: int = 0,
     ) -> None:
         if head not in HEADS:
-            raise ValueError(f"head={head!r}; allowed {HEADS}")
+            raise ConfigError(f"head={head!r}; allowed {HEADS}")
         if ways < 2 or shots < 1 or episodes < 1:
-            raise ValueError(f"need ways ≥ 2, shots ≥ 1, episodes ≥ 1; got {ways}, {shots}, {episodes}")
+            raise ConfigError(f"need ways ≥ 2, shots ≥ 1, episodes ≥ 1; got {ways}, {shots}, {episodes}")
         self.ways, self.shots, self.episodes, self.head, self.queries, self.seed = (
             ways,
             shots,
@@ -71,7 +72,7 @@ class FewShot:
         y_train, y_test = np.asarray(y_train), np.asarray(y_test)
         eligible = [c for c in np.unique(y_train) if np.sum(y_train == c) >= self.shots and np.any(y_test == c)]
         if len(eligible) < self.ways:
-            raise ValueError(
+            raise ConfigError(
                 f"only {len(eligible)} classes have ≥ {self.shots} train and ≥ 1 test examples; {self.ways}-way needs {self.ways}"
             )
         rng = np.random.default_rng(self.seed)

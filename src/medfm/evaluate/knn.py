@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from medfm.data.splits import holdout
+from medfm.errors import ConfigError
 from medfm.evaluate.features import read_labelled
 from medfm.evaluate.metrics import bootstrap_ci
 
@@ -17,7 +18,7 @@ class KNNProbe:
 
     def __init__(self, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> None:
         if k < 1 or temperature <= 0:
-            raise ValueError(f"need k ≥ 1 and temperature > 0; got k={k}, temperature={temperature}")
+            raise ConfigError(f"need k ≥ 1 and temperature > 0; got k={k}, temperature={temperature}")
         self.k, self.temperature, self.chunk = k, temperature, chunk
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> KNNProbe:

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from medfm.errors import ConfigError
 from medfm.evaluate.metrics import check_metric, score
 
 SEARCHES = ("optuna", "grid")
@@ -70,11 +71,11 @@ class LinearProbe:
     ) -> None:
         check_metric(scoring)
         if search not in SEARCHES:
-            raise ValueError(f"search={search!r}; allowed {SEARCHES}")
+            raise ConfigError(f"search={search!r}; allowed {SEARCHES}")
         if trials < 1:
-            raise ValueError(f"trials={trials}; give at least 1")
+            raise ConfigError(f"trials={trials}; give at least 1")
         if not 0 < c_range[0] < c_range[1]:
-            raise ValueError(f"c_range={c_range}; needs 0 < low < high")
+            raise ConfigError(f"c_range={c_range}; needs 0 < low < high")
         self.scoring = scoring
         self.search = search
         self.trials = trials
@@ -111,7 +112,7 @@ class LinearProbe:
         y = np.asarray(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"the label has one class only ({self.classes_[0]!r}); a probe needs two or more")
+            raise ConfigError(f"the label has one class only ({self.classes_[0]!r}); a probe needs two or more")
         prepared = []
         for train, val in folds:
             mean, scale = _standardise(x[train])
@@ -206,7 +207,7 @@ class LinearProbe:
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         if meta.get("kind") != "medfm.LinearProbe":
-            raise ValueError(f"{path.with_suffix('.json')} is not a saved medfm probe")
+            raise ConfigError(f"{path.with_suffix('.json')} is not a saved medfm probe")
         probe = cls(scoring=meta["scoring"], search=meta["search"])
         with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrays:
             probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]

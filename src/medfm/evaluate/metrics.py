@@ -15,13 +15,15 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import label_binarize
 
+from medfm.errors import ConfigError
+
 METRICS = ("roc_auc", "average_precision", "balanced_accuracy", "accuracy")
 
 
 def check_metric(metric: str) -> str:
     """Return ``metric`` if known, else raise ValueError listing the allowed names."""
     if metric not in METRICS:
-        raise ValueError(f"scoring={metric!r} is not known; allowed {METRICS}")
+        raise ConfigError(f"scoring={metric!r} is not known; allowed {METRICS}")
     return metric
 
 
@@ -30,7 +32,7 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     positive = np.ravel(positive).astype(bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC AUC needs both classes in y")
+        raise ConfigError("ROC AUC needs both classes in y")
     ranks = rankdata(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

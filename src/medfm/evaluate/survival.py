@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from medfm.data.outputs import write_json, write_table
 from medfm.data.splits import make_splits
-from medfm.errors import ManifestError
+from medfm.errors import ConfigError, ManifestError
 from medfm.evaluate.features import read_labelled
 from medfm.evaluate.linear import _row_span, _standardise
 from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval
@@ -57,7 +57,7 @@ class CoxProbe:
         x = np.asarray(x, dtype=np.float64)
         time, event = np.asarray(time, dtype=float), np.asarray(event, dtype=float)
         if event.sum() == 0:
-            raise ValueError("no events among the training rows: a Cox model cannot be fitted")
+            raise ConfigError("no events among the training rows: a Cox model cannot be fitted")
         self.mean_, self.scale_ = _standardise(x)
         xs = (x - self.mean_) / self.scale_
         basis = _row_span(xs)

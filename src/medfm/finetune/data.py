@@ -20,7 +20,7 @@ from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import assign_splits, subsample
 from medfm.data.store import PatchStore, build_store, open_store
 from medfm.data.training import StoreViews, encode_labels
-from medfm.errors import ManifestError
+from medfm.errors import ConfigError, ManifestError
 from medfm.models.hub import medfm_home
 from medfm.train.data import StoreDataModule
 
@@ -70,11 +70,11 @@ class FinetuneData(StoreDataModule):
     ) -> None:
         super().__init__()
         if (manifest is None) == (store is None):
-            raise ValueError("give exactly one of data.manifest or data.store")
+            raise ConfigError("give exactly one of data.manifest or data.store")
         if task not in TASKS:
-            raise ValueError(f"task={task!r}; allowed {TASKS}")
+            raise ConfigError(f"task={task!r}; allowed {TASKS}")
         if task == "survival" and (time_column is None or event_column is None):
-            raise ValueError("task survival needs data.time_column and data.event_column")
+            raise ConfigError("task survival needs data.time_column and data.event_column")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.store: PatchStore | None = None
@@ -87,9 +87,9 @@ class FinetuneData(StoreDataModule):
         if hp.store is not None:
             store = open_store(hp.store)
             if store.splits is None or store.labels is None:
-                raise ValueError(f"store {hp.store} has no labels or splits (store_from_arrays(labels=, splits=))")
+                raise ConfigError(f"store {hp.store} has no labels or splits (store_from_arrays(labels=, splits=))")
             if hp.task in ("regression", "survival"):
-                raise ValueError("a prebuilt store holds class labels only; regression and survival need a manifest")
+                raise ConfigError("a prebuilt store holds class labels only; regression and survival need a manifest")
             self.classes = [str(c) for c in np.unique(store.labels)]
             store.splits = self._fraction(store.splits.astype(str), store.labels, None)
             return store
@@ -169,7 +169,7 @@ class FinetuneData(StoreDataModule):
         hp = self.hparams
         dataset = self.dataset("train", train=True)
         if len(dataset) == 0:
-            raise ValueError("no training rows (check the split column and train_fraction)")
+            raise ConfigError("no training rows (check the split column and train_fraction)")
         weights = None
         if hp.oversample and hp.task in ("binary", "multiclass"):
             labels = self.store.labels[dataset.indices]

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from sklearn.metrics import classification_report
 from torch import nn
 
-from medfm.errors import ModelError
+from medfm.errors import ConfigError, ModelError
 from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval, score
 from medfm.finetune.losses import cox_loss
 from medfm.models import hub
@@ -125,7 +125,7 @@ class FinetuneModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"task={task!r}; allowed {TASKS}")
+            raise ConfigError(f"task={task!r}; allowed {TASKS}")
         self.save_hyperparameters()
         self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
         self.init_report = self._initialise(init, min_coverage)
@@ -134,7 +134,7 @@ class FinetuneModule(pl.LightningModule):
         if len(widths) > 1 and widths[0] == self.feature_dim:
             widths = widths[1:]
         if widths[-1] != out_dim:
-            raise ValueError(f"head {head} must end in {out_dim} output(s) for task {task}")
+            raise ConfigError(f"head {head} must end in {out_dim} output(s) for task {task}")
         self.head = mlp_head(self.feature_dim, widths, dropout)
         self.frozen = self._freeze(freeze)
         name, mode = MONITORS[task]
@@ -162,7 +162,7 @@ class FinetuneModule(pl.LightningModule):
             name = self.hparams.trunk if init == "published" else init
             entry = get_entry(name)
             if entry.weights is None:
-                raise ValueError(f"model {name} has no weights to start from")
+                raise ConfigError(f"model {name} has no weights to start from")
             return transfer_weights(
                 hub.resolve(entry.weights, name), self.trunk, min_coverage=min_coverage, layout=entry.weights.layout
             )
@@ -182,7 +182,7 @@ class FinetuneModule(pl.LightningModule):
         data = getattr(getattr(self, "_trainer", None), "datamodule", None)
         data_task = getattr(getattr(data, "hparams", None), "task", self.hparams.task)
         if data_task != self.hparams.task:
-            raise ValueError(f"model.task is {self.hparams.task!r} but data.task is {data_task!r}: set both the same")
+            raise ConfigError(f"model.task is {self.hparams.task!r} but data.task is {data_task!r}: set both the same")
         weights = self.hparams.class_weights
         if weights == "balanced":
             counts = torch.as_tensor(self.trainer.datamodule.class_counts(), dtype=torch.float32)

@@ -36,6 +36,8 @@ import torch
 import torchvision
 from torch import nn
 
+from medfm.errors import ConfigError
+
 # family -> (dotted path of the first convolution, function that removes the head in place)
 _FAMILIES: dict[str, tuple[str, Callable[[nn.Module], None]]] = {}
 
@@ -143,9 +145,9 @@ def torchvision_trunk(arch: str, in_channels: int = 3) -> nn.Module:
     """A torchvision classifier (``weights=None``) with its head removed in place: returns pooled (B, D) features."""
     name = arch.replace("-", "_").lower()
     if name not in _ARCHS:
-        raise ValueError(f"arch={arch!r}; supported: {supported_archs()}")
+        raise ConfigError(f"arch={arch!r}; supported: {supported_archs()}")
     if in_channels < 1:
-        raise ValueError(f"in_channels={in_channels}; must be at least 1")
+        raise ConfigError(f"in_channels={in_channels}; must be at least 1")
     kwargs: dict[str, object] = {}
     if name == "inception_v3":
         kwargs = {"aux_logits": False, "init_weights": False, "transform_input": False}

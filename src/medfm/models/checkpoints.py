@@ -5,7 +5,8 @@ unpickled is refused before anything runs. Known layouts are unwrapped: FMCIB (`
 Lightning (``state_dict`` with ``model.trunk.`` / ``model.heads.`` prefixes), DDP ``module.`` prefixes,
 plain state dicts and safetensors files. A ``.tar`` / ``.tar.gz`` archive holding one weight file (as
 RadiologyNET publishes them) is opened with every member checked first: absolute paths, ``..``, links and
-devices are refused, and the weight file is extracted only into a temporary directory.
+devices are refused, and the weight file is extracted only into a temporary directory. A tensor holding a NaN or an infinity is
+refused at load, by name (:func:`check_finite`).
 
 The checkpoints of pre-training codebases (MoCo, SimCLR, BYOL, SwAV, PIRL, RadiologyNET, ...) are unwrapped
 by rule in :mod:`medfm.models.adapters` (``detect_layout``, ``adapt``; ``read_trunk`` here does both).
@@ -21,7 +22,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -32,6 +33,7 @@ from medfm.models.adapters import LAYOUTS, adapt, detect_layout
 __all__ = [
     "LAYOUTS",
     "adapt",
+    "check_finite",
     "detect_layout",
     "read_checkpoint",
     "read_trunk",
@@ -49,10 +51,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(path), device="cpu"))
+            tensors = dict(load_file(str(path), device="cpu"))
         except Exception as err:  # safetensors raises its own error types
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        else:
+            return check_finite(tensors, str(path))
     if _is_tar(path):
         return _read_archive(path)
     try:
@@ -73,7 +77,38 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, object]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
+    return check_finite(obj, str(path))
+
+
+def _tensors(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in nested dicts / lists, with its dotted key."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+def check_finite(checkpoint: Mapping[str, object], source: str = "the checkpoint") -> Mapping[str, object]:
+    """Return ``checkpoint`` unchanged, or refuse it naming the first tensor that holds a NaN or an infinity.
+
+    Weights with a NaN load without a word and give NaN features for every input, so they are refused at load.
+    """
+    for key, tensor in _tensors(checkpoint):
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                kinds = " and ".join(
+                    k for k, n in (("NaN", int(tensor.isnan().sum())), ("Inf", int(tensor.isinf().sum()))) if n
+                )
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} holds {int(bad.sum())} of {tensor.numel()} values that are not "
+                    f"finite ({kinds}); the weights are damaged and are refused"
+                )
+    return checkpoint
 
 
 # Suffixes of the weight file looked for inside an archive.
@@ -185,7 +220,7 @@ def read_trunk(
 
     Returns the trunk's tensors with torchvision-style names, the keys dropped as heads, and the layout.
     """
-    checkpoint = source if isinstance(source, Mapping) else read_checkpoint(source)
+    checkpoint = check_finite(source, "the checkpoint") if isinstance(source, Mapping) else read_checkpoint(source)
     name = layout or detect_layout(checkpoint)
     state, dropped = adapt(checkpoint, name)
     return state, dropped, name

@@ -17,6 +17,7 @@ from medfm.data.manifest import read_manifest
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.store import PatchStore, build_store, open_store
 from medfm.data.training import StoreViews, encode_labels
+from medfm.errors import ConfigError
 from medfm.models.hub import medfm_home
 from medfm.train.data import StoreDataModule
 
@@ -61,7 +62,7 @@ class PretrainData(StoreDataModule):
     ) -> None:
         super().__init__()
         if (manifest is None) == (store is None):
-            raise ValueError("give exactly one of data.manifest or data.store")
+            raise ConfigError("give exactly one of data.manifest or data.store")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.store: PatchStore | None = None
@@ -100,7 +101,7 @@ class PretrainData(StoreDataModule):
         spec = hp.view or default_view(self.store.dims, self.view_size, "ssl")
         dataset = self._dataset(hp.train_split, spec, hp.views, hp.mined_negatives > 0)
         if len(dataset) < hp.batch_size:
-            raise ValueError(f"{len(dataset)} training samples, fewer than one batch of {hp.batch_size}")
+            raise ConfigError(f"{len(dataset)} training samples, fewer than one batch of {hp.batch_size}")
         return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfm.errors import ConfigError
 from medfm.models.registry import build_trunk
 from medfm.models.registry import trunk_args as resolve_trunk_args
 from medfm.models.transfer import transfer_weights
@@ -84,9 +85,9 @@ class PretrainModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if method not in METHODS:
-            raise ValueError(f"method={method!r}; allowed {METHODS}")
+            raise ConfigError(f"method={method!r}; allowed {METHODS}")
         if method == "supervised" and not num_classes:
-            raise ValueError("method supervised needs num_classes")
+            raise ConfigError("method supervised needs num_classes")
         self.save_hyperparameters()
         self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
         self.transfer_report = transfer_weights(init_weights, self.trunk) if init_weights else None
@@ -109,14 +110,14 @@ class PretrainModule(pl.LightningModule):
         x = stack_views(views)
         method = self.hparams.method
         if method in ("supcon", "supervised") and bool((batch["label"] < 0).any()):
-            raise ValueError(f"method {method} needs a label for every training sample (label_column)")
+            raise ConfigError(f"method {method} needs a label for every training sample (label_column)")
         if method == "supervised":
             return F.cross_entropy(self.head(self.trunk(x)), labels)
         ids = labels if method == "supcon" else batch["index"].repeat(n_views)
         is_anchor = torch.ones(len(x), dtype=torch.bool, device=x.device)
         if method == "simclr-mined":
             if "negatives" not in batch:
-                raise ValueError("method simclr-mined needs mined negatives: set data.mined_negatives > 0")
+                raise ConfigError("method simclr-mined needs mined negatives: set data.mined_negatives > 0")
             negatives = stack_views(batch["negatives"])
             x = torch.cat([x, negatives])
             ids = torch.cat([ids, torch.full((len(negatives),), -1, dtype=ids.dtype, device=ids.device)])

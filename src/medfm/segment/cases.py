@@ -30,7 +30,7 @@ from medfm.data.images2d import intensity_warning2d, preprocess2d, read_image2d
 from medfm.data.io import read_image
 from medfm.data.manifest import read_table, validate_manifest
 from medfm.data.profiles import Profile, Profile2D
-from medfm.errors import ManifestError, MedfmError, RowError, VolumeError
+from medfm.errors import ConfigError, ManifestError, MedfmError, RowError, VolumeError
 from medfm.progress import progress_bar
 from medfm.segment.labels import ClassMap
 
@@ -120,7 +120,7 @@ def hu_scaler(profile: Profile, hu_window: tuple[float, float] | None) -> Callab
         return profile.scale
     low, high = (float(v) for v in hu_window)
     if not high > low:
-        raise ValueError(f"hu_window {hu_window} must rise")
+        raise ConfigError(f"hu_window {hu_window} must rise")
     return lambda hu: np.clip((np.asarray(hu, dtype=np.float32) - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
@@ -339,7 +339,7 @@ def load_cases(
     rows in ``errors`` and keeps every good one.
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r}; allowed raise, skip")
+        raise ConfigError(f"on_error={on_error!r}; allowed raise, skip")
     source = str(manifest)
     table = read_table(source)
     checked = validate_manifest(table, source, Path(source).resolve().parent, seeds=False)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import assign_splits, subsample
 from medfm.data.training import EpochSampler
+from medfm.errors import ConfigError
 from medfm.segment.cases import GEOMETRY_TOLERANCE, Case, CaseSet, load_cases
 from medfm.segment.labels import ClassMap, class_names
 
@@ -178,15 +179,15 @@ class SegmentData(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if manifest is None:
-            raise ValueError("data.manifest is required: a CSV/Parquet with image_path and mask_path columns")
+            raise ConfigError("data.manifest is required: a CSV/Parquet with image_path and mask_path columns")
         self.save_hyperparameters()
         self.class_map = ClassMap.build(classes or [], label_map, unlisted)
         self.profile = get_profile(profile)
         self.dims = 2 if isinstance(self.profile, Profile2D) else 3
         if spacing is not None and (self.dims != 3 or len(spacing) != 3):
-            raise ValueError(f"spacing {spacing}: three values (x, y, z mm), for 3D profiles only")
+            raise ConfigError(f"spacing {spacing}: three values (x, y, z mm), for 3D profiles only")
         if patch_size is not None and len(patch_size) != self.dims:
-            raise ValueError(f"patch_size {patch_size} must have {self.dims} values for a {self.dims}D profile")
+            raise ConfigError(f"patch_size {patch_size} must have {self.dims} values for a {self.dims}D profile")
         self.batch_size = batch_size
         self.cases: CaseSet | None = None
         self.splits: np.ndarray | None = None
@@ -254,7 +255,7 @@ class SegmentData(pl.LightningDataModule):
         hp = self.hparams
         positions = self.positions("train")
         if len(positions) == 0:
-            raise ValueError("no training cases (check the split column and train_fraction)")
+            raise ConfigError("no training cases (check the split column and train_fraction)")
         dataset = PatchDataset(
             self.cases.cases,
             positions,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfm.errors import ConfigError
+
 UNLISTED = ("background", "error")
 
 
@@ -27,7 +29,7 @@ def class_names(classes: Sequence[str] | Mapping[int, str]) -> list[str]:
         return names
     names = [str(c) for c in classes]
     if len(set(names)) != len(names):
-        raise ValueError(f"classes {names}: a name appears twice")
+        raise ConfigError(f"classes {names}: a name appears twice")
     return names
 
 
@@ -48,12 +50,12 @@ class ClassMap:
     ) -> ClassMap:
         """A class map from the config's ``classes`` and ``label_map``."""
         if unlisted not in UNLISTED:
-            raise ValueError(f"unlisted={unlisted!r}; allowed {UNLISTED}")
+            raise ConfigError(f"unlisted={unlisted!r}; allowed {UNLISTED}")
         if not classes:
-            raise ValueError("name at least one class: classes: [liver] or classes: {1: liver, 2: spleen}")
+            raise ConfigError("name at least one class: classes: [liver] or classes: {1: liver, 2: spleen}")
         names = class_names(classes)
         if "background" in names:
-            raise ValueError("'background' is class 0 and cannot be named in classes")
+            raise ConfigError("'background' is class 0 and cannot be named in classes")
         index = {name: i + 1 for i, name in enumerate(names)}
         if isinstance(classes, Mapping):
             values = {int(v): index[str(n)] for v, n in classes.items()}
@@ -65,7 +67,7 @@ class ClassMap:
                 values[int(value)] = 0
                 continue
             if name not in index:
-                raise ValueError(f"label_map sends value {value} to {name!r}, which is not one of the classes {names}")
+                raise ConfigError(f"label_map sends value {value} to {name!r}, which is not one of the classes {names}")
             values[int(value)] = index[name]
         return cls(tuple(names), values, unlisted)
 
@@ -79,13 +81,13 @@ class ClassMap:
         raw = np.asarray(mask)
         if raw.dtype.kind == "f":
             if not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
-                raise ValueError(f"{where}: label values must be whole numbers, found fractional values")
+                raise ConfigError(f"{where}: label values must be whole numbers, found fractional values")
             raw = raw.astype(np.int64)
         present = np.unique(raw)
         if self.unlisted == "error":
             unknown = [int(v) for v in present if v != 0 and int(v) not in self.values]
             if unknown:
-                raise ValueError(f"{where}: label values {unknown[:10]} are not named by classes or label_map")
+                raise ConfigError(f"{where}: label values {unknown[:10]} are not named by classes or label_map")
         out = np.zeros(raw.shape, dtype=np.int64)
         for value in present:
             value = int(value)

@@ -101,7 +101,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     """``medfm segment …``: ``predict`` and ``sweep`` here; ``fit``, ``validate``, ``--help`` … go to LightningCLI."""
-    from medfm.cli import run_guarded
+    from medfm.errors import run_guarded
 
     if argv[:1] == ["predict"]:
         args = _predict_parser().parse_args(argv[1:])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medfm.errors import ModelError
+from medfm.errors import ConfigError, ModelError
 from medfm.models import hub
 from medfm.models.registry import build_trunk, get_entry, list_models
 from medfm.models.registry import trunk_args as resolve_trunk_args
@@ -90,7 +90,7 @@ class SegmentationUNet(nn.Module):
         self.in_channels = int(first.in_channels)
         widths = list(decoder_channels or [256, 128, 64, 32, 16])
         if len(widths) != len(self.stages):
-            raise ValueError(f"decoder_channels needs {len(self.stages)} widths (deepest first), got {widths}")
+            raise ConfigError(f"decoder_channels needs {len(self.stages)} widths (deepest first), got {widths}")
         skips = self._skip_channels()
         blocks = []
         previous = skips[-1]

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from monai.losses import DiceCELoss
 
+from medfm.errors import ConfigError
 from medfm.segment.metrics import case_metrics, summarise
 from medfm.segment.model import (
     SegmentationUNet,
@@ -74,7 +75,7 @@ class SegmentModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if not class_names:
-            raise ValueError("name at least one class (data.classes, linked to model.class_names)")
+            raise ConfigError("name at least one class (data.classes, linked to model.class_names)")
         self.save_hyperparameters()
         self.class_names = list(class_names)
         self.num_classes = len(class_names) + 1
@@ -96,17 +97,17 @@ class SegmentModule(pl.LightningModule):
         if data is None:
             return
         if getattr(data, "dims", self.net.dims) != self.net.dims:
-            raise ValueError(
+            raise ConfigError(
                 f"the encoder {self.hparams.encoder} is {self.net.dims}D but data.profile "
                 f"{data.hparams.profile} is {data.dims}D"
             )
         if data.cases is not None and data.in_channels != self.net.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"data.profile {data.hparams.profile} gives {data.in_channels}-channel images; set "
                 f"model.in_channels: {data.in_channels}"
             )
         if data.class_map.names != tuple(self.class_names):
-            raise ValueError(
+            raise ConfigError(
                 f"model.class_names {self.class_names} differ from data.classes {list(data.class_map.names)}"
             )
         patch = data.hparams.patch_size

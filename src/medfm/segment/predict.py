@@ -30,7 +30,7 @@ from medfm.data.io import Geometry, read_image, write_volume
 from medfm.data.manifest import read_table, validate_manifest
 from medfm.data.outputs import FinishedRows, atomic_path, write_errors, write_table
 from medfm.data.profiles import Profile2D, profile_from_dict
-from medfm.errors import MedfmError, RowError
+from medfm.errors import ConfigError, MedfmError, RowError
 from medfm.progress import progress_bar
 from medfm.segment.cases import hu_scaler, layout2d, prepare_volume, restore_probabilities2d
 from medfm.segment.dicomseg import write_dicom_seg
@@ -120,7 +120,7 @@ def predict_manifest(
     area in pixels). Each finished row is recorded in ``predictions.partial/``; ``resume=True`` keeps those rows
     (same card, manifest and options) and segments only the others."""
     if dicom_seg not in DICOM_SEG_MODES:
-        raise ValueError(f"dicom_seg must be one of {DICOM_SEG_MODES}, got {dicom_seg!r}")
+        raise ConfigError(f"dicom_seg must be one of {DICOM_SEG_MODES}, got {dicom_seg!r}")
     net, card = load_segmenter(card_path)
     net = net.to(device)
     profile = profile_from_dict(card["profile"], card["profile_spec"])

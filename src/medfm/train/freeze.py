@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from medfm.errors import ConfigError
+
 
 def freeze_blocks(module: nn.Module, blocks: list[str], freeze: str, part: str = "trunk") -> list[str]:
     """Freeze ``none``, ``PART`` (all ``blocks``) or ``PART-until-NAME``; returns the frozen blocks' dotted names.
@@ -20,11 +22,11 @@ def freeze_blocks(module: nn.Module, blocks: list[str], freeze: str, part: str =
         last = freeze[len(prefix) :]
         short = [b.rsplit(".", 1)[-1] for b in blocks]
         if last not in blocks and last not in short:
-            raise ValueError(f"freeze={freeze!r}: the {part} has no block {last!r}; blocks: {short}")
+            raise ConfigError(f"freeze={freeze!r}: the {part} has no block {last!r}; blocks: {short}")
         end = blocks.index(last) if last in blocks else short.index(last)
         frozen = blocks[: end + 1]
     else:
-        raise ValueError(f"freeze={freeze!r}; allowed none, {part}, {part}-until-BLOCK")
+        raise ConfigError(f"freeze={freeze!r}; allowed none, {part}, {part}-until-BLOCK")
     present = dict(module.named_modules())
     for path in frozen:
         if path in present:

@@ -14,6 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from medfm.errors import ConfigError
+
 OPTIMIZERS = ("lars", "sgd", "adamw", "adam")
 
 
@@ -40,11 +42,11 @@ class LARS(torch.optim.Optimizer):
         eps: float = 1e-8,
     ) -> None:
         if lr < 0.0:
-            raise ValueError(f"learning rate must be >= 0, got {lr}")
+            raise ConfigError(f"learning rate must be >= 0, got {lr}")
         if momentum < 0.0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
+            raise ConfigError(f"momentum must be >= 0, got {momentum}")
         if weight_decay < 0.0:
-            raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+            raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -117,12 +119,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     """Learning rate for a batch size: ``linear`` is ``base * B / 256``, ``sqrt`` is ``base * sqrt(B)`` (SimCLR)."""
     if batch_size <= 0:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
     if rule == "linear":
         return base_lr * batch_size / 256
     if rule == "sqrt":
         return base_lr * math.sqrt(batch_size)
-    raise ValueError(f"unknown learning-rate scaling rule {rule!r}; expected one of 'linear', 'sqrt'")
+    raise ConfigError(f"unknown learning-rate scaling rule {rule!r}; expected one of 'linear', 'sqrt'")
 
 
 def warmup_cosine(
@@ -135,9 +137,9 @@ def warmup_cosine(
     until ``total_steps``, and ``final_ratio`` from there on.
     """
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
+        raise ConfigError(f"total_steps must be positive, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        raise ConfigError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
@@ -164,7 +166,7 @@ def build_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if key == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 def trainer_schedule(
