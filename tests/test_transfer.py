@@ -424,3 +424,98 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_report_type_is_exported():
     assert TransferReport(layout="x").to_dict()["coverage"] == 0.0
+
+
+# --- structural roles: never by shape alone across roles (issue 20) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source50() -> dict[str, torch.Tensor]:
+    return snapshot(seeded(torchvision.models.resnet50, 19))
+
+
+def test_moco_resnet50_into_densenet121_is_refused(tmp_path, capsys, source50):
+    # layer3.0.bn3 (1024 channels) has the shape of DenseNet's final norm5: shape alone must not move it there
+    state = {"module.encoder_q." + k: v for k, v in source50.items() if not k.startswith("fc.")}
+    path = tmp_path / "moco_r50.pth.tar"
+    torch.save({"state_dict": state, "arch": "resnet50"}, path)
+    target = create("densenet121")
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="no tensor of the checkpoint fits the model"):
+        transfer_weights(path, target)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    out = tmp_path / "d121.safetensors"
+    assert main(["transfer", str(path), "--into", "densenet121", "--out", str(out)]) == 2
+    assert "no tensor of the checkpoint fits" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resnet50_into_fmcib_with_inflate_never_shifts_a_stage(tmp_path, capsys, source50):
+    # FMCIB's trunk is twice as wide: its layer2 has the shapes of ResNet50's layer3, which must not go there
+    path = tmp_path / "r50.pth"
+    torch.save(source50, path)
+    out = tmp_path / "fmcib.safetensors"
+    assert main(["transfer", str(path), "--into", "fmcib-resnet50", "--inflate", "--out", str(out)]) == 2
+    assert "no tensor of the checkpoint fits" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resnet50_into_a_3d_resnet50_inflates_stage_by_stage(source50):
+    from medfm.models.backbones import resnet3d
+
+    torch.manual_seed(20)
+    target = resnet3d(depth=50, in_channels=3)
+    report = transfer_weights(source50, target, inflate=True)
+    assert report.strip_prefix == "" and report.add_prefix == ""
+    assert report.sources == {k: k for k in report.transferred}  # every tensor into the layer of its own name
+    assert report.role_mismatched == []
+    layer3 = [k for k in source50 if k.startswith("layer3.")]
+    assert set(layer3) <= set(report.transferred)
+    w = source50["layer3.2.conv2.weight"]
+    assert torch.allclose(target.layer3[2].conv2.weight, w.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
+    assert all(report.blocks[f"layer{i}"] > 0.99 for i in range(1, 5))
+
+
+def test_resnet50_into_resnet18_moves_no_block(tmp_path, capsys, source50):
+    path = tmp_path / "r50.pth"
+    torch.save(source50, path)
+    out = tmp_path / "r18.safetensors"
+    # bottleneck blocks are not basic blocks: layer1.0.conv2 has the shape of ResNet18's but another role
+    assert main(["transfer", str(path), "--into", "resnet18", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "below --min-coverage 0.5" in captured.err and "\n" not in captured.err.strip()
+    assert "coverage by block:" in captured.out and re.search(r"^  layer1 +0\.00%$", captured.out, re.M)
+    assert "their blocks differ in kind between source and target (layer1.0, layer1.1" in captured.out
+    assert not out.exists()
+
+    assert main(["transfer", str(path), "--into", "resnet18", "--allow-partial", "--out", str(out)]) == 0
+    assert "(--allow-partial)" in capsys.readouterr().err
+    saved, init = load_file(str(out)), create("resnet18").state_dict()
+    report = json.loads(out.with_suffix(".json").read_text())
+    stem = ["conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"]
+    assert sorted(report["transferred"]) == sorted(stem)
+    assert report["sources"] == {k: k for k in stem}
+    for key in stem:
+        assert torch.equal(saved[key], source50[key]), key
+    for key in init:
+        if key not in stem:
+            assert torch.equal(saved[key], init[key]), key  # layer1.0.conv2 included: same shape, other role
+    assert ["layer1.0.conv2.weight", "layer1.0"] in report["role_mismatched"]
+    assert report["coverage"] < 0.001
+
+
+def test_resnet50_into_resnet101_maps_the_blocks_both_have(source50):
+    target = seeded(torchvision.models.resnet101, 21)
+    before = snapshot(target)
+    report = transfer_weights(source50, target, min_coverage=0.5)
+    assert report.transferred == sorted(source50) and report.sources == {k: k for k in source50}
+    assert report.role_mismatched == [] and report.unused == []
+    got = target.state_dict()
+    assert torch.equal(got["layer3.5.conv3.weight"], source50["layer3.5.conv3.weight"])
+    assert torch.equal(got["layer3.6.conv3.weight"], before["layer3.6.conv3.weight"])  # ResNet50 has 6 blocks
+    assert all(k.startswith("layer3.") for k in report.left_at_init)
+    assert report.left_at_init == sorted(k for k in before if k.startswith("layer3.") and int(k.split(".")[1]) >= 6)
+    assert report.blocks["layer2"] == 1.0 and 0.2 < report.blocks["layer3"] < 0.35
+    shared = sum(v.numel() for k, v in before.items() if k in source50)
+    assert report.coverage == pytest.approx(shared / sum(v.numel() for v in before.values()))

@@ -288,8 +288,17 @@ def _transfer(args: argparse.Namespace) -> None:
     if args.out and not args.out.endswith(".safetensors"):
         raise MedfmError(f"--out {args.out}: name a .safetensors file")
     model = create(args.into, weights=None)
-    report = transfer_weights(args.src, model, inflate=args.inflate, min_coverage=args.min_coverage)
+    report = transfer_weights(args.src, model, inflate=args.inflate)
     print(report.summary())
+    if report.coverage < args.min_coverage:
+        if not args.allow_partial:
+            raise MedfmError(
+                f"the transferred weights cover {report.coverage:.1%} of {args.into}, below --min-coverage "
+                f"{args.min_coverage:g} (coverage by block above); nothing written. A transfer moves a tensor only "
+                "into a layer of the same role (stage, block, layer within the block); pass --allow-partial to keep "
+                "this partial transfer anyway"
+            )
+        print(f"warning: only {report.coverage:.1%} of {args.into} transferred (--allow-partial)", file=sys.stderr)
     if args.out:
         provenance = {
             "source": args.src,
@@ -463,7 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the initialised weights here (W.safetensors) and the report as W.json")
     p.add_argument("--inflate", action="store_true", help="inflate 2D conv weights into 3D convs (I3D-style)")
     p.add_argument(
-        "--min-coverage", type=float, default=0.0, help="fail if the weights cover less of the model than this share"
+        "--min-coverage",
+        type=float,
+        default=0.5,
+        help="fail, writing nothing, if the weights cover less of the target trunk than this share (default 0.5)",
+    )
+    p.add_argument(
+        "--allow-partial", action="store_true", help="write a transfer below --min-coverage anyway (with a warning)"
     )
     p.set_defaults(func=_transfer)
 

@@ -1,8 +1,16 @@
 """Transfer weights across topologies: by name after prefix mapping, by shape, with a report of what went where.
 
 ``transfer_weights(src, model)`` reads ``src`` safely (a path or a checkpoint dict), unwraps it by rule
-(:mod:`medfm.models.adapters`), finds the one prefix mapping (strip a prefix from the source's names, add one
-to them) that matches the most tensors of compatible shape, and copies what fits:
+(:mod:`medfm.models.adapters`), finds the one prefix mapping (strip a wrapper prefix from the source's names, add
+one to them) that matches the most tensors of compatible shape, and copies what fits.
+
+A tensor goes only where it has the same structural role: the same name below the wrapper (stage, block index,
+layer within the block) in a block of the same kind. A wrapper prefix (``module.``, ``backbone.``, ``encoder.``,
+``features.``) holds no stage or block index: no component of it is a number or a stage among siblings of the
+same stem (``layer3`` beside ``layer2``, ``denseblock2`` beside ``denseblock1``), and it is not a single layer.
+A block is of the same kind when its named children agree (a bottleneck's ``conv1..conv3`` are not a basic block's
+``conv1, conv2``); sequences may differ in length, so ResNet50's stages go into ResNet101's for the blocks both
+have. Shapes alone never move a tensor into another role. Then:
 
 - equal shapes are copied as they are (BatchNorm weights, biases and running statistics included);
 - a 3-channel first conv goes into a 1-channel one by summing over the input channels (a grey image then
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +47,9 @@ class TransferReport:
     ``transferred``: target keys set from the source (copied, or adapted as ``adapted`` says), with their
     source keys in ``sources``; ``left_at_init``: every other target key (shape-mismatched ones included);
     ``unused``: source keys that set nothing; ``mismatched``: (target key, source shape, target shape) of
-    names that matched with shapes that do not fit; ``dropped``: head tensors the layout's rules removed.
+    names that matched with shapes that do not fit; ``role_mismatched``: (target key, block) of names that
+    matched a source tensor held by a block of another kind (left at init); ``dropped``: head tensors the
+    layout's rules removed.
     ``blocks``: the share of each top-level block's values that came from the source; ``coverage``: that
     share over the whole model.
     """
@@ -51,6 +61,7 @@ class TransferReport:
     sources: dict[str, str] = field(default_factory=dict)
     adapted: list[tuple[str, str]] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    role_mismatched: list[tuple[str, str]] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     left_at_init: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -73,6 +84,12 @@ class TransferReport:
         lines += [f"  mismatched {key}: source {list(s)}, target {list(t)}" for key, s, t in self.mismatched[:8]]
         if len(self.mismatched) > 8:
             lines.append(f"  ... and {len(self.mismatched) - 8} more mismatched")
+        if self.role_mismatched:
+            blocks = list(dict.fromkeys(block for _, block in self.role_mismatched))
+            lines.append(
+                f"  {len(self.role_mismatched)} tensors not moved: their blocks differ in kind between source and "
+                f"target ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})"
+            )
         if any(len(s) == 4 and len(t) == 5 for _, s, t in self.mismatched):
             lines.append("  2D weights meet 3D layers: pass inflate=True (--inflate) to inflate them")
         lines.append("coverage by block:")
@@ -92,6 +109,7 @@ class TransferReport:
             "sources": dict(self.sources),
             "adapted": [list(a) for a in self.adapted],
             "mismatched": [[k, list(s), list(t)] for k, s, t in self.mismatched],
+            "role_mismatched": [list(r) for r in self.role_mismatched],
             "unused": list(self.unused),
             "left_at_init": list(self.left_at_init),
             "dropped": list(self.dropped),
@@ -130,22 +148,65 @@ def _apply(value: torch.Tensor, dst: tuple[int, ...], inflate: bool) -> torch.Te
     return out
 
 
-def _prefixes(key: str) -> list[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) + "." if i else "" for i in range(min(_PREFIX_DEPTH, len(parts) - 1) + 1)]
+def _stem(name: str) -> str:
+    return name.rstrip("0123456789")
+
+
+def _children(keys: Iterable[str]) -> dict[str, set[str]]:
+    """Each module path (``""`` for the root, else ending in ``.``) → the names of its children in ``keys``."""
+    children: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts) - 1):
+            children[".".join(parts[:i]) + "." if i else ""].add(parts[i])
+    return children
+
+
+def _wrappers(keys: Iterable[str]) -> set[str]:
+    """The prefixes (up to ``_PREFIX_DEPTH`` components) that wrap a network without naming a stage, block or layer."""
+    keys = list(keys)
+    children = _children(keys)
+    found = {""}
+    for key in keys:
+        parts = key.split(".")
+        for i in range(1, min(_PREFIX_DEPTH, len(parts) - 2) + 1):  # a wrapper keeps a module below it
+            parent, name = (".".join(parts[: i - 1]) + "." if i > 1 else ""), parts[i - 1]
+            siblings = children[parent] - {name}
+            if name.isdigit() or (_stem(name) != name and any(_stem(s) == _stem(name) for s in siblings)):
+                break
+            found.add(parent + name + ".")
+    return found
+
+
+def _other_role(rest: str, source_children: dict[str, set[str]], target_children: dict[str, set[str]]) -> str:
+    """The first block above the tensor ``rest`` (a name below the wrappers) that differs in kind between source and
+    target (other named children; numbered ones, the blocks of a stage, may differ in count), or ``""``."""
+    parts = rest.split(".")
+    for i in range(1, len(parts) - 1):  # the root's and the tensor's own module's children may differ
+        path = ".".join(parts[:i]) + "."
+        named_source = {c for c in source_children.get(path, ()) if not c.isdigit()}
+        named_target = {c for c in target_children.get(path, ()) if not c.isdigit()}
+        if named_source != named_target:
+            return path[:-1]
+    return ""
 
 
 def _best_mapping(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], inflate: bool
 ) -> tuple[str, str]:
-    """The (strip, add) prefix pair under which the most source tensors find a target of a compatible shape."""
+    """The (strip, add) wrapper pair under which the most source tensors find a target of the same role and a
+    compatible shape."""
+    add_prefixes = _wrappers(target)
     by_suffix: dict[str, list[str]] = defaultdict(list)
     for key in target:
-        for prefix in _prefixes(key):
-            by_suffix[key[len(prefix) :]].append(prefix)
+        for prefix in add_prefixes:
+            if key.startswith(prefix):
+                by_suffix[key[len(prefix) :]].append(prefix)
     scores: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for key, value in source.items():
-        for strip in _prefixes(key):
+    for strip in _wrappers(source):
+        for key, value in source.items():
+            if not key.startswith(strip):
+                continue
             rest = key[len(strip) :]
             for add in by_suffix.get(rest, ()):
                 dst = target[add + rest]
@@ -158,11 +219,19 @@ def _best_mapping(
     return max(scores, key=lambda pair: (scores[pair][0], scores[pair][1], -len(pair[0]) - len(pair[1])))
 
 
-def _block(key: str, add: str) -> str:
-    """A target key's top-level block: its first name component, or the one after the added prefix."""
-    if add and key.startswith(add):
-        return add + key[len(add) :].split(".", 1)[0]
-    return key.split(".", 1)[0]
+def _below(keys: Iterable[str], prefix: str) -> dict[str, set[str]]:
+    return _children(k[len(prefix) :] for k in keys if k.startswith(prefix))
+
+
+def _block(key: str, add: str, children: dict[str, set[str]]) -> str:
+    """A target key's block: the first name component after the added prefix, below any single-child wrapper
+    (DenseNet's ``features.denseblock1``, not ``features``)."""
+    root = add if add and key.startswith(add) else ""
+    parts = key[len(root) :].split(".")
+    depth = 0
+    while depth < len(parts) - 2 and len(children.get(root + "".join(p + "." for p in parts[:depth]), ())) == 1:
+        depth += 1
+    return root + ".".join(parts[: depth + 1])
 
 
 def transfer_weights(
@@ -188,12 +257,16 @@ def transfer_weights(
     strip, add = _best_mapping(source, target, inflate)
     report = TransferReport(layout=layout_name, strip_prefix=strip, add_prefix=add, dropped=dropped)
     new: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
+    source_children, target_children = _below(source, strip), _below(target, add)
     for key, value in source.items():
         if not key.startswith(strip):
             continue
         name = add + key[len(strip) :]
         if name not in target or name in new:
+            continue
+        other = _other_role(key[len(strip) :], source_children, target_children)
+        if other:
+            report.role_mismatched.append((name, add + other))
             continue
         dst = tuple(target[name].shape)
         steps = _plan(tuple(value.shape), dst, inflate)
@@ -202,15 +275,20 @@ def transfer_weights(
             continue
         new[name] = _apply(value, dst, inflate) if steps else value.detach()
         report.sources[name] = key
-        used.add(key)
         if steps:
             report.adapted.append((name, "; ".join(steps)))
+    # a scalar (BatchNorm's num_batches_tracked) goes only with the other tensors of its module
+    moved = {name.rsplit(".", 1)[0] for name, value in new.items() if value.ndim}
+    for name in [n for n, v in new.items() if not v.ndim and n.rsplit(".", 1)[0] not in moved]:
+        del new[name], report.sources[name]
+    used = {report.sources[name] for name in new}
     report.transferred = sorted(new)
     report.left_at_init = sorted(k for k in target if k not in new)
     report.unused = sorted(k for k in source if k not in used)
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    all_children = _children(target)
     for key, value in target.items():
-        block = sizes[_block(key, add)]
+        block = sizes[_block(key, add, all_children)]
         block[1] += value.numel()
         if key in new:
             block[0] += value.numel()
@@ -221,12 +299,22 @@ def transfer_weights(
         raise CheckpointError(
             f"no tensor of the checkpoint fits the model ({report.summary().splitlines()[1]}; first source keys: "
             f"{list(source)[:3]}, first model keys: {list(target)[:3]})"
-            + ("; 2D weights into a 3D model need inflate=True (--inflate)" if not inflate else "")
+            + (
+                "; 2D weights into a 3D model need inflate=True (--inflate)"
+                if not inflate and any(len(s) == 4 and len(t) == 5 for _, s, t in report.mismatched)
+                else ""
+            )
+            + (
+                f"; {len(report.role_mismatched)} tensors of matching names sit in blocks of another kind"
+                if report.role_mismatched
+                else ""
+            )
         )
     if report.coverage < min_coverage:
         raise CheckpointError(
             f"the transferred weights cover {report.coverage:.1%} of the model, below the {min_coverage:.0%} "
-            f"required ({report.summary().splitlines()[1]}). Pass a lower min_coverage (--min-coverage) to go on"
+            f"required ({report.summary().splitlines()[1]}); nothing was changed. Pass a lower min_coverage "
+            "(--min-coverage) to go on"
         )
     with torch.no_grad():
         model.load_state_dict(new, strict=False)
