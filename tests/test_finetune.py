@@ -637,6 +637,29 @@ def test_predict_matches_the_models_own_test_predictions(binary_run, manifest, c
     np.testing.assert_allclose(predicted["prob_1"].to_numpy()[rows], torch.sigmoid(logits).numpy(), atol=1e-5)
 
 
+def test_predict_batches_across_volumes_with_the_same_results(binary_run, manifest, tmp_path, monkeypatch):
+    import medfm.finetune.outputs as outputs
+
+    original, sizes = outputs.load_finetuned, []
+
+    def counted(card_path):
+        model, card = original(card_path)
+        model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+        return model, card
+
+    monkeypatch.setattr(outputs, "load_finetuned", counted)
+    tables = {}
+    for batch in (16, 3):
+        sizes.clear()
+        out = tmp_path / f"pred{batch}.csv"
+        assert main(["predict", str(binary_run / "model.json"), str(manifest), "--out", str(out),
+                     "--batch-size", str(batch), "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+        tables[batch] = pd.read_csv(out)
+        # 16 lesions in 4 volumes: batches run across volumes, not one volume (or one image) at a time
+        assert sizes == ([16] if batch == 16 else [3, 3, 3, 3, 3, 1])
+    pd.testing.assert_frame_equal(tables[16], tables[3], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("task", "data", "metrics"),
     [

@@ -199,7 +199,15 @@ def _predict(args: argparse.Namespace) -> None:
     if kind == "medfm-finetuned":
         from medfm.finetune.outputs import predict_manifest
 
-        path = predict_manifest(args.probe, args.features, args.out, on_error=args.on_error)
+        path = predict_manifest(
+            args.probe,
+            args.features,
+            args.out,
+            on_error=args.on_error,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.quiet,
+        )
         print(f"wrote {path}")
         return
     from medfm.evaluate.probe import predict
@@ -437,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("features", help="a feature table (probe), or a manifest (fine-tuned model)")
     p.add_argument("--out", required=True, help="P.csv or P.parquet")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad manifest rows (fine-tuned)")
+    p.add_argument("--batch-size", type=int, default=32, help="images or patches per forward pass (fine-tuned)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 (fine-tuned)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("compare", help="paired bootstrap CI of the difference of two probes, and DeLong for AUC")

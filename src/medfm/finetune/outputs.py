@@ -27,6 +27,7 @@ from medfm.finetune.data import FinetuneData
 from medfm.finetune.module import FinetuneModule, mlp_head
 from medfm.models import hub
 from medfm.models.registry import build_trunk, trunk_args
+from medfm.progress import progress_bar
 from medfm.train.curves import write_curves
 
 CARD_KIND = "medfm-finetuned"
@@ -117,13 +118,22 @@ def predict_manifest(
     out: str | os.PathLike[str],
     coords: str | None = None,
     on_error: str = "raise",
-    batch_size: int = 16,
+    batch_size: int = 32,
+    device: str = "auto",
+    progress: bool = False,
 ) -> Path:
     """Run a fine-tuned model on a manifest with its own preprocessing; the manifest's columns plus predictions.
 
-    Classification adds ``prob_<class>`` columns and ``predicted``; regression ``prediction``; survival ``risk``.
+    Patches of consecutive images and volumes go through the network ``batch_size`` at a time (as ``medfm extract``
+    batches them); ``device="auto"`` takes a GPU when there is one. Classification adds ``prob_<class>`` columns and
+    ``predicted``; regression ``prediction``; survival ``risk``.
     """
+    if batch_size < 1:
+        raise ModelError(f"batch_size must be at least 1, got {batch_size}")
     model, card = load_finetuned(card_path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
     profile = _card_profile(card)
     is_2d = isinstance(profile, Profile2D)
     manifest = read_manifest(manifest_path, coords=coords or card.get("coords") or "lps", seeds=not is_2d)
@@ -135,18 +145,30 @@ def predict_manifest(
     rows: list[int] = []
     outputs: list[np.ndarray] = []
     errors: dict[int, str] = {}
-    for item in iter_volume_items(manifest, cut, on_error=on_error):
-        errors.update(item.errors)
-        for start in range(0, len(item.patches), batch_size):
-            x = np.stack([view(p, 0) for p in item.patches[start : start + batch_size]])
-            out_batch = model(torch.from_numpy(x)).float()
-            if card["task"] == "binary":
-                p = torch.sigmoid(out_batch[:, 0])
-                out_batch = torch.stack([1 - p, p], dim=1)
-            elif card["task"] == "multiclass":
-                out_batch = out_batch.softmax(dim=1)
-            outputs.append(out_batch.numpy())
-            rows.extend(item.rows[start : start + batch_size])
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def run(n: int) -> None:
+        x = torch.from_numpy(np.stack([v for _, v in pending[:n]])).to(device)
+        out_batch = model(x).float()
+        if card["task"] == "binary":
+            p = torch.sigmoid(out_batch[:, 0])
+            out_batch = torch.stack([1 - p, p], dim=1)
+        elif card["task"] == "multiclass":
+            out_batch = out_batch.softmax(dim=1)
+        outputs.append(out_batch.cpu().numpy())
+        rows.extend(r for r, _ in pending[:n])
+        del pending[:n]
+
+    with progress_bar(progress) as bar:
+        task = bar.add_task("predicting", total=len(manifest))
+        for item in iter_volume_items(manifest, cut, on_error=on_error):
+            errors.update(item.errors)
+            pending.extend((r, view(p, 0)) for r, p in zip(item.rows, item.patches))
+            bar.advance(task, len(item.errors) + len(item.rows))
+            while len(pending) >= batch_size:
+                run(batch_size)
+        if pending:
+            run(len(pending))
     values = np.concatenate(outputs) if outputs else np.zeros((0, 1))
     table = manifest.table.iloc[rows].copy()
     if card["task"] in ("binary", "multiclass"):
