@@ -142,3 +142,70 @@ def test_bootstrap_is_seeded_and_brackets_the_value():
         assert interval["low"] <= interval["value"] <= interval["high"], name
         assert interval["n_resamples"] == 200
     assert first["map"]["high"] - first["map"]["low"] > 0.01  # 40 noisy images: a real spread
+
+
+# -- the Kaggle RSNA pneumonia score, apart from the COCO-style mAP ------------------------------------------------
+def image(pred_boxes, scores, true_boxes) -> ImageResult:
+    boxes = np.asarray(pred_boxes, dtype=float).reshape(-1, 4)
+    truth = np.asarray(true_boxes, dtype=float).reshape(-1, 4)
+    return ImageResult(boxes, np.asarray(scores, dtype=float), np.zeros(len(boxes), int), truth, np.zeros(len(truth)))
+
+
+def rsna_images() -> list[ImageResult]:
+    return [
+        # A: a perfect box (0.9), a stray box (0.8) and a low-confidence box (0.3, under the 0.5 threshold)
+        image([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 5]], [0.9, 0.8, 0.3], GT),
+        # B: one box of IoU 0.62 (62 / 100): a TP at 0.40 … 0.60, at 0.65 … 0.75 a FP and a FN
+        image([[0, 0, 10, 6.2]], [0.7], GT),
+        # C: no true box, a detection above the threshold: scores 0 and is counted
+        image([[0, 0, 5, 5]], [0.6], []),
+        # D: no true box, a detection under the threshold only: nothing left, the image is left out
+        image([[0, 0, 5, 5]], [0.2], []),
+        # E: two true boxes, no detection: two FN, scores 0
+        image([], [], [[0, 0, 10, 10], [20, 20, 30, 30]]),
+        # F: nothing at all: left out
+        image([], [], []),
+    ]
+
+
+def test_rsna_score_by_hand():
+    # per image, mean over the 8 IoU thresholds of TP / (TP + FP + FN):
+    a = 1 / (1 + 1 + 0)  # at every threshold: TP 1, FP 1 (the stray box), FN 0; the 0.3 box does not count
+    b = (5 * 1 / 1 + 3 * 0 / (0 + 1 + 1)) / 8  # TP at 5 thresholds; FP + FN at the other 3
+    c, e = 0.0, 0.0
+    expected = (a + b + c + e) / 4  # D and F are left out
+    assert expected == pytest.approx(0.28125)
+    matched = MatchedDetections(rsna_images(), 1)
+    assert matched.rsna_score() == pytest.approx(expected, abs=1e-12)
+    np.testing.assert_allclose(matched.rsna_per_image, [a, b, c, np.nan, e, np.nan], atol=1e-12)
+    summary = matched.summary()
+    assert summary["rsna_score"] == pytest.approx(expected, abs=1e-12)
+    assert summary["map_40_75"] == summary["map"]  # the COCO-style figure, a different number
+    assert abs(summary["map"] - expected) > 0.05
+    # the image-weighted form (a resample drawing A twice) by hand
+    weights = np.array([2, 1, 1, 1, 1, 1])
+    assert matched.rsna_score(weights) == pytest.approx((2 * a + b + c + e) / 5, abs=1e-12)
+    # a lower score threshold lets the 0.3 box into A (a second FP, 1/3) and D's box (a counted 0)
+    low = MatchedDetections(rsna_images(), 1, score_threshold=0.1)
+    assert low.rsna_score() == pytest.approx((1 / 3 + b + c + 0.0 + e) / 5, abs=1e-12)
+
+
+def test_rsna_score_pools_classes_within_an_image_and_uses_its_own_thresholds():
+    # class 1's box does not match class 0's truth: one FP and one FN at every threshold
+    wrong_class = ImageResult(GT.copy(), np.array([0.9]), np.array([1]), GT.copy(), np.array([0]))
+    right = one([0, 0, 10, 10])
+    assert MatchedDetections([wrong_class, right], 2).rsna_score() == pytest.approx((0.0 + 1.0) / 2)
+    # with other IoU thresholds for the mAP, the RSNA score still sweeps 0.40 … 0.75
+    custom = MatchedDetections(rsna_images(), 1, thresholds=(0.5,))
+    assert custom.rsna_score() == pytest.approx(0.28125, abs=1e-12)
+    assert "map_40_75" not in custom.summary()
+
+
+def test_rsna_score_bootstrap_has_a_ci_and_its_threshold():
+    results = rsna_images() * 5
+    ci = MatchedDetections(results, 1).bootstrap(300, seed=1)
+    rsna = ci["rsna_score"]
+    assert rsna["value"] == pytest.approx(0.28125, abs=1e-12)
+    assert rsna["low"] < rsna["value"] < rsna["high"]
+    assert rsna["score_threshold"] == 0.5
+    assert ci["map_40_75"] == ci["map"]

@@ -106,6 +106,9 @@ def test_short_fit_finds_squares_and_predict_undoes_the_resize(squares_run, one_
     results = json.loads((run / "results.json").read_text())
     assert results["test"]["map_50"]["value"] > 0.9  # 12 test images, 64² input from 96×80 files
     assert results["test"]["map"]["low"] <= results["test"]["map"]["value"] <= results["test"]["map"]["high"]
+    assert results["test"]["map_40_75"] == results["test"]["map"]  # the COCO-style figure under its own name
+    rsna = results["test"]["rsna_score"]  # the Kaggle RSNA score, apart, with its CI and score threshold
+    assert 0 < rsna["value"] <= 1 and rsna["low"] <= rsna["value"] <= rsna["high"] and rsna["score_threshold"] == 0.5
     assert results["sizes"]["test"] == {"images": 12, "boxes": 12} and results["classes"] == ["square"]
     assert results["per_class"]["square"]["boxes"] == 12
     curves = pd.read_csv(run / "curves.csv")

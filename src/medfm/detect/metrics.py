@@ -14,6 +14,15 @@ so this module matches each image's boxes once, the COCO way, and then scores an
 A resample that draws an image k times is the same as weighting its detections and true boxes by k, so the
 matching is done once and each resample costs a few cumulative sums. ``tests/test_detect_metrics.py`` checks
 the values against torchmetrics.
+
+Two figures over IoU 0.40…0.75 are easily confused, and are reported under their own names:
+
+- ``map_40_75``: the COCO-style mAP above at the IoU thresholds 0.40, 0.45, …, 0.75 (a ranking metric: no score
+  threshold, precision integrated over recall);
+- ``rsna_score``: the Kaggle RSNA pneumonia challenge's score. Per image, the detections scoring at least a score
+  threshold are matched to the true boxes in order of confidence; at each IoU threshold t in 0.40…0.75 the image
+  scores TP(t) / (TP(t) + FP(t) + FN(t)); its score is the mean over t; the figure is the mean over images. An image
+  with no true box and no detection is left out; with no true box but a detection it scores 0.
 """
 
 from __future__ import annotations
@@ -25,8 +34,11 @@ import numpy as np
 
 from medfm.evaluate.metrics import bootstrap_values, percentile_interval
 
-# RSNA pneumonia challenge: mAP over IoU 0.40…0.75 in steps of 0.05 (written out: COCO looks 0.5 and 0.75 up exactly)
+# The IoU thresholds of the RSNA pneumonia challenge, 0.40…0.75 in steps of 0.05 (written out: COCO looks 0.5 and
+# 0.75 up exactly); medfm's headline COCO-style mAP uses them too (``map_40_75``), which is not the challenge's score
 RSNA_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+# the default confidence at or above which a detection counts in ``rsna_score`` (the challenge scored submitted boxes)
+RSNA_SCORE_THRESHOLD = 0.5
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
@@ -88,10 +100,18 @@ class MatchedDetections:
         num_classes: int,
         thresholds: Sequence[float] = RSNA_THRESHOLDS,
         max_detections: int = 100,
+        score_threshold: float = RSNA_SCORE_THRESHOLD,
     ) -> None:
         self.thresholds = tuple(float(t) for t in thresholds)
+        self.score_threshold = float(score_threshold)
         self.n_images = len(results)
         self.classes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # per image, over the classes: detections kept by the score threshold, their TP at each RSNA IoU, true boxes
+        kept, tp_rsna, n_truth = (
+            np.zeros(len(results)),
+            np.zeros((len(results), len(RSNA_THRESHOLDS))),
+            np.zeros(len(results)),
+        )
         for label in range(num_classes):
             scores, tps, images, truths = [], [], [], np.zeros(len(results))
             for i, result in enumerate(results):
@@ -100,11 +120,29 @@ class MatchedDetections:
                 tps.append(tp)
                 images.append(np.full(len(s), i))
                 truths[i] = n_true
+                if self.thresholds != RSNA_THRESHOLDS:
+                    s, tp, _ = match_image(result, label, RSNA_THRESHOLDS, max_detections)
+                # matching runs in descending score, so dropping the low scores afterwards changes no match above them
+                above = s >= self.score_threshold
+                kept[i] += above.sum()
+                tp_rsna[i] += tp[:, above].sum(axis=1)
+                n_truth[i] += n_true
             score = np.concatenate(scores) if scores else np.zeros(0)
             order = np.argsort(-score, kind="mergesort")  # ties keep image order, as COCO's evaluator does
             tp = np.concatenate(tps, axis=1) if tps else np.zeros((len(self.thresholds), 0), dtype=bool)
             image = np.concatenate(images).astype(int) if images else np.zeros(0, dtype=int)
             self.classes.append((score[order], tp[:, order], image[order], truths))
+        counted = (kept + n_truth) > 0  # an image with neither true boxes nor detections is left out
+        denominator = kept[:, None] + n_truth[:, None] - tp_rsna  # TP + FP + FN
+        self.rsna_per_image = np.full(len(results), np.nan)
+        self.rsna_per_image[counted] = (tp_rsna[counted] / denominator[counted]).mean(axis=1)
+
+    def rsna_score(self, weights: np.ndarray | None = None) -> float:
+        """The Kaggle RSNA pneumonia score: mean over the counted images (weighted) of their per-image score."""
+        w = np.ones(self.n_images) if weights is None else np.asarray(weights, dtype=float)
+        counted = np.isfinite(self.rsna_per_image)
+        total = float(w[counted].sum())
+        return float(np.dot(w[counted], self.rsna_per_image[counted]) / total) if total > 0 else float("nan")
 
     def per_class(self, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """AP and recall, (classes, thresholds), for images weighted by ``weights`` (NaN for a class without truth)."""
@@ -132,15 +170,19 @@ class MatchedDetections:
         return ap, recall
 
     def summary(self, weights: np.ndarray | None = None) -> dict[str, float]:
-        """``map`` (all thresholds), ``map_50``, ``map_75`` (where those thresholds are given) and ``mar``."""
+        """``map`` (all thresholds; also ``map_40_75`` when they are 0.40…0.75), ``map_50``, ``map_75``, ``mar``
+        and ``rsna_score``."""
         ap, recall = self.per_class(weights)
         present = ~np.isnan(ap[:, 0])
         out = {"map": float(np.mean(ap[present])) if present.any() else float("nan")}
+        if self.thresholds == RSNA_THRESHOLDS:
+            out["map_40_75"] = out["map"]
         for threshold, name in ((0.5, "map_50"), (0.75, "map_75")):
             if threshold in self.thresholds:
                 column = ap[present, self.thresholds.index(threshold)]
                 out[name] = float(np.mean(column)) if len(column) else float("nan")
         out["mar"] = float(np.mean(recall[present])) if present.any() else float("nan")
+        out["rsna_score"] = self.rsna_score(weights)
         return out
 
     def bootstrap(self, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, dict]:
@@ -155,7 +197,12 @@ class MatchedDetections:
             return 0.0
 
         bootstrap_values(one, self.n_images, None, n_resamples, seed)
-        return {name: percentile_interval(v, np.asarray(samples[name]), level).to_dict() for name, v in point.items()}
+        out = {
+            name: percentile_interval(v, np.asarray(samples[name]), level, n_resamples).to_dict()
+            for name, v in point.items()
+        }
+        out["rsna_score"]["score_threshold"] = self.score_threshold
+        return out
 
 
 def map_metric(thresholds: Sequence[float] = RSNA_THRESHOLDS) -> object:

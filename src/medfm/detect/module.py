@@ -2,10 +2,11 @@
 
 Training minimises the detector's own losses (Faster R-CNN: RPN objectness and box regression + box classifier
 and regression; RetinaNet: focal classification + box regression). Each validation epoch logs torchmetrics'
-mAP at the IoU thresholds (default 0.40…0.75, the RSNA-pneumonia figure) as ``val/map``, plus ``val/map_50``,
-``val/map_75``, ``val/mar`` and the AP of every class (``val/ap_<class>``); torchmetrics gathers the states of
+COCO-style mAP at the IoU thresholds (default 0.40…0.75, the RSNA challenge's thresholds) as ``val/map``, plus
+``val/map_50``, ``val/map_75``, ``val/mar`` and the AP of every class (``val/ap_<class>``); torchmetrics gathers the states of
 every rank before computing. The best ``val/map`` weights are restored at the end of fit; the test images are
-scored once, with percentile bootstrap CIs over images (:class:`medfm.detect.metrics.MatchedDetections`).
+scored once, with percentile bootstrap CIs over images (:class:`medfm.detect.metrics.MatchedDetections`): the
+COCO-style mAP (``map``, also ``map_40_75``) and, apart from it, the Kaggle RSNA pneumonia score (``rsna_score``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from medfm.data.training import world
-from medfm.detect.metrics import RSNA_THRESHOLDS, ImageResult, MatchedDetections, map_metric
+from medfm.detect.metrics import (
+    RSNA_SCORE_THRESHOLD,
+    RSNA_THRESHOLDS,
+    ImageResult,
+    MatchedDetections,
+    map_metric,
+)
 from medfm.detect.model import make_detector
 from medfm.errors import ConfigError
 from medfm.train.callbacks import fit_callbacks
@@ -51,7 +58,8 @@ class DetectModule(pl.LightningModule):
             :func:`medfm.detect.model.build_detector`.
         lr_trunk, lr_head: learning rates of the trunk and of the rest (FPN, RPN, heads); warm-up + cosine per step.
         patience: early stopping on ``val/map`` (None: none). ``iou_thresholds``: of the headline mAP.
-        n_bootstrap: resamples of the test CIs.
+        n_bootstrap: resamples of the test CIs. rsna_score_threshold: the confidence at or above which a test
+            detection counts in ``rsna_score`` (the Kaggle RSNA pneumonia score; mAP uses every detection).
     """
 
     def __init__(
@@ -81,6 +89,7 @@ class DetectModule(pl.LightningModule):
         patience: int | None = None,
         iou_thresholds: list[float] | None = None,
         n_bootstrap: int = 1000,
+        rsna_score_threshold: float = RSNA_SCORE_THRESHOLD,
     ) -> None:
         super().__init__()
         if not classes:
@@ -195,7 +204,7 @@ class DetectModule(pl.LightningModule):
             self._test_records.append((index, record))
 
     def on_test_epoch_end(self) -> None:
-        """mAP, mAP@0.5, mAP@0.75 and recall of the test images with bootstrap CIs; per-class AP and recall."""
+        """mAP, mAP@0.5, mAP@0.75, recall and the RSNA score of the test images with bootstrap CIs; per-class AP."""
         records = self._test_records
         self._test_records = []
         if world()[1] > 1:  # every rank scored a share of the images: gather them all
@@ -204,7 +213,12 @@ class DetectModule(pl.LightningModule):
             records = [r for part in parts for r in part]
         unique = dict(sorted(records, key=lambda r: r[0]))
         results = [unique[k] for k in sorted(unique)]
-        matched = MatchedDetections(results, len(self.hparams.classes), self.thresholds)
+        matched = MatchedDetections(
+            results,
+            len(self.hparams.classes),
+            self.thresholds,
+            score_threshold=self.hparams.get("rsna_score_threshold", RSNA_SCORE_THRESHOLD),
+        )
         self.test_results = matched.bootstrap(self.hparams.n_bootstrap, seed=0)
         self.test_results["n"] = {
             "value": float(len(results)),

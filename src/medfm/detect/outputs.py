@@ -1,6 +1,7 @@
 """What a detection run leaves behind, and how a trained detector is run on new images.
 
-In the run folder: ``results.json`` (test mAP@[thresholds], mAP@0.5, mAP@0.75 and recall with bootstrap CIs,
+In the run folder: ``results.json`` (test mAP@[thresholds] (``map``; ``map_40_75`` at the default ones), mAP@0.5,
+mAP@0.75, recall and the Kaggle RSNA pneumonia score ``rsna_score`` with bootstrap CIs,
 per-class AP, best epoch, sizes, initialisation and its transfer coverage), ``curves.csv``/``curves.png``
 (per-epoch validation mAP and training loss), ``model.safetensors`` (the whole detector) and its card
 ``model.json`` (architecture, classes, trunk, the input profile with its full definition, metrics, SHA-256).
