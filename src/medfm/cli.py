@@ -416,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_weights)
 
-    p = sub.add_parser("probe", help="tuned logistic-regression probe on a feature table, test metric with CI")
+    p = sub.add_parser(
+        "probe",
+        help="tuned logistic-regression probe on a feature table, test metric with CI; "
+        "`medfm probe import model.pkl --out probe.json` converts a scikit-learn one",
+    )
     _add_table_args(p, label_required=False)
     p.add_argument("--survival", nargs=2, metavar=("TIME_COL", "EVENT_COL"), help="penalised Cox probe instead")
     p.add_argument("--horizon", type=float, help="with --survival: also the AUC of death by this time")
@@ -557,9 +561,33 @@ def _command_package(command: str, argv: list[str]) -> int:
     return run(argv)
 
 
+def _probe_import(args: argparse.Namespace) -> None:
+    from medfm.evaluate.sklearn_pickle import import_sklearn_probe
+
+    path = import_sklearn_probe(args.file, args.out, feature_prefix=args.feature_prefix)
+    print(f"wrote probe {path} (and {path.with_suffix('.npz')}); apply it with `medfm predict {path} FEATURES`")
+
+
+def _probe_import_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medfm probe import",
+        description="convert a pickled scikit-learn LogisticRegression (or a Pipeline of StandardScaler steps and "
+        "one), e.g. FMCIB's model.pkl, into a medfm probe; any other content of the pickle is refused unrun",
+    )
+    p.add_argument("file", help="the pickle (e.g. model.pkl)")
+    p.add_argument("--out", required=True, help="probe.json (probe.npz is written beside it)")
+    p.add_argument(
+        "--feature-prefix", default="pred_", help="feature columns when the model has no names (default FMCIB's pred_)"
+    )
+    p.set_defaults(func=_probe_import)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``medfm``; returns the exit status (2 for a medfm error, printed as one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["probe", "import"]:
+        return _run(_probe_import_parser().parse_args(argv[2:]))
     if argv[:1] in (["pretrain"], ["finetune"]):
         return _lightning(argv[0], argv[1:])
     if argv[:1] in (["detect"], ["segment"], ["analyze"]):

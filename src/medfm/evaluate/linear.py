@@ -183,8 +183,16 @@ class LinearProbe:
         return score(self.scoring, np.asarray(y), self.predict_proba(x), self.classes_)
 
     # -- saving -------------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], feature_columns: list[str] | None = None) -> Path:
-        """Write ``path.npz`` (arrays) and ``path.json`` (everything else); no pickle anywhere."""
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        feature_columns: list[str] | None = None,
+        imported_from: dict[str, object] | None = None,
+    ) -> Path:
+        """Write ``path.npz`` (arrays) and ``path.json`` (everything else); no pickle anywhere.
+
+        ``imported_from`` describes the file a probe was converted from (``medfm probe import``): it had no search.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(
@@ -195,9 +203,11 @@ class LinearProbe:
             "classes": self.classes_.tolist(),
             "best_c": self.best_c_,
             "scoring": self.scoring,
-            "search": self.search,
+            "search": None if imported_from else self.search,
             "feature_columns": feature_columns,
         }
+        if imported_from:
+            meta["imported_from"] = imported_from
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         return path.with_suffix(".json")
 
@@ -208,7 +218,8 @@ class LinearProbe:
         meta = json.loads(path.with_suffix(".json").read_text())
         if meta.get("kind") != "medfm.LinearProbe":
             raise ConfigError(f"{path.with_suffix('.json')} is not a saved medfm probe")
-        probe = cls(scoring=meta["scoring"], search=meta["search"])
+        probe = cls(scoring=meta["scoring"])
+        probe.search = meta["search"]  # None for an imported probe
         with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrays:
             probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]
             probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
