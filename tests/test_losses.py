@@ -1,5 +1,6 @@
-"""The masked contrastive loss against lightly (SimCLR), pytorch-metric-learning (SupCon), a hand-written loop
-(mined negatives), and against itself across two real gloo processes (DDP)."""
+"""The masked contrastive loss against lightly (SimCLR), pytorch-metric-learning (SupCon), hand-written loops
+(FMCIB's mined negatives, written from its definition; medfm's hard-negative variant), and against itself and the
+definitions across two real gloo processes (DDP)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from medfm.pretrain.losses import (
     distributed_contrastive,
     gather,
     label_masks,
+    mined_masks,
     simclr_ids,
     world,
 )
@@ -207,6 +209,115 @@ def test_anchors_without_positive_are_ignored():
     assert torch.equal(lone.grad, torch.zeros_like(lone))
 
 
+# ------------------------------------------------------------------- FMCIB's objective (simclr-mined), by definition
+
+
+def fmcib_definition(lesion: torch.Tensor, mined: torch.Tensor, temperature: float) -> torch.Tensor:
+    """FMCIB's loss written from its definition, one anchor at a time, in float64.
+
+    ``lesion`` and ``mined`` are (B, 2, D): two views of each sample's lesion patch and of its mined patch. The
+    anchors are the 2B lesion views; the positive of view v of lesion b is view 1-v of lesion b; the negatives
+    are the two views of the mined patch of every other sample c != b (its own mined patch and all lesions are
+    not); loss = -mean_anchors log(e^{s_pos/T} / (e^{s_pos/T} + sum_neg e^{s_neg/T})), s = cosine similarity.
+    """
+    lesion, mined = lesion.double(), mined.double()
+    batch = len(lesion)
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b) / (a.norm() * b.norm())
+
+    terms = []
+    for b in range(batch):
+        for v in range(2):
+            anchor = lesion[b, v]
+            pos = torch.exp(cosine(anchor, lesion[b, 1 - v]) / temperature)
+            neg = sum(
+                torch.exp(cosine(anchor, mined[c, w]) / temperature) for c in range(batch) if c != b for w in range(2)
+            )
+            terms.append(torch.log(pos / (pos + neg)))
+    return -torch.stack(terms).mean()
+
+
+def fmcib_rows(lesion: torch.Tensor, mined: torch.Tensor, first_id: int = 0):
+    """medfm's rows for one process's batch: [lesion view 1; lesion view 2; mined view 1; mined view 2], with
+    sample ids (a mined patch carries its sample's id), anchors (lesion views) and the mined flags."""
+    batch = len(lesion)
+    emb = torch.cat([lesion[:, 0], lesion[:, 1], mined[:, 0], mined[:, 1]])
+    ids = (first_id + torch.arange(batch)).repeat(4)
+    is_anchor = torch.arange(4 * batch) < 2 * batch
+    return emb, ids, is_anchor, ~is_anchor
+
+
+def test_fmcib_masks_for_three_samples():
+    # Documentation as much as a test: columns are l0 l1 l2 (lesion view 1), l0' l1' l2' (view 2),
+    # m0 m1 m2 (mined view 1), m0' m1' m2' (mined view 2); rows are the 6 lesion-view anchors.
+    _, ids, is_anchor, mined = fmcib_rows(torch.zeros(3, 2, 1), torch.zeros(3, 2, 1))
+    anchors = torch.nonzero(is_anchor, as_tuple=True)[0]
+    pos, neg = mined_masks(ids[anchors], ids, mined, anchors)
+    print("\npositives (B=3)\n", pos.int(), "\nnegatives (B=3)\n", neg.int())
+    # fmt: off
+    #                               l0 l1 l2 l0'l1'l2' m0 m1 m2 m0'm1'm2'
+    expected_pos = torch.tensor([[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # l0
+                                 [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],  # l1
+                                 [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],  # l2
+                                 [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # l0'
+                                 [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # l1'
+                                 [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]])  # l2'
+    expected_neg = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1],  # l0: mined of samples 1, 2
+                                 [0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1],  # l1: mined of samples 0, 2
+                                 [0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0],  # l2: mined of samples 0, 1
+                                 [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1],  # l0'
+                                 [0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1],  # l1'
+                                 [0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0]])  # l2'
+    # fmt: on
+    assert torch.equal(pos.int(), expected_pos)
+    assert torch.equal(neg.int(), expected_neg)
+
+
+def _fmcib_case(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randn(batch, 1, 16, generator=g)
+    lesion = torch.cat([first, first + 1.2 * torch.randn(batch, 1, 16, generator=g)], dim=1)  # views alike
+    # each mined patch near its own lesion makes the choice of negatives matter: FMCIB leaves it out, medfm's
+    # variant (and its in-batch lesions) count it
+    mined = lesion + 1.0 * torch.randn(batch, 2, 16, generator=g)
+    return lesion, mined
+
+
+@pytest.mark.parametrize(("batch", "temperature"), [(3, 0.1), (8, 0.1), (5, 0.5), (2, 0.1)])
+def test_simclr_mined_loss_and_gradients_equal_fmcib_definition(batch, temperature):
+    lesion, mined = _fmcib_case(batch, seed=batch)
+    emb, ids, is_anchor, is_mined = fmcib_rows(lesion, mined)
+    emb = emb.clone().requires_grad_()
+    ours = distributed_contrastive(emb, ids, is_anchor, temperature, mined=is_mined)
+    ours.backward()
+    lesion_ref, mined_ref = lesion.double().requires_grad_(), mined.double().requires_grad_()
+    ref = fmcib_definition(lesion_ref, mined_ref, temperature)
+    ref.backward()
+    grad_ref = torch.cat([lesion_ref.grad[:, 0], lesion_ref.grad[:, 1], mined_ref.grad[:, 0], mined_ref.grad[:, 1]])
+    loss_diff = abs(ours.item() - ref.item())
+    grad_diff = float((emb.grad.double() - grad_ref).abs().max())
+    print(
+        f"\nB={batch} T={temperature}: loss {ours.item():.6f} vs definition {ref.item():.6f}, |loss diff| "
+        f"{loss_diff:.2e}, max |grad diff| {grad_diff:.2e} (grad scale {float(grad_ref.abs().max()):.2e})"
+    )
+    assert loss_diff < 1e-6 + 1e-5 * ref.item()  # float32 against float64
+    assert grad_diff < 1e-4 * float(grad_ref.abs().max())
+    assert grad_ref[2 * batch :].abs().sum() > 0  # the mined patches do receive gradients
+    # medfm's own variant (every mined patch and every other lesion negative) is a different objective
+    hard_ids = torch.cat([ids[: 2 * batch], torch.full((2 * batch,), -1)])
+    hardneg = distributed_contrastive(emb.detach(), hard_ids, is_anchor, temperature)
+    assert abs(float(hardneg) - float(ref.detach())) > 0.5
+
+
+def test_simclr_mined_single_sample_has_no_negatives():
+    # B = 1 in one process: no other sample, hence no negative; -log(e/e) = 0 for both anchors, as FMCIB's.
+    lesion, mined = _fmcib_case(1, seed=0)
+    emb, ids, is_anchor, is_mined = fmcib_rows(lesion, mined)
+    assert float(distributed_contrastive(emb, ids, is_anchor, 0.1, mined=is_mined)) == 0.0
+    assert float(fmcib_definition(lesion, mined, 0.1)) == 0.0
+
+
 # ------------------------------------------------------------------------------------- two gloo processes (DDP)
 
 WORLD = 2
@@ -225,9 +336,9 @@ def _ddp_worker(rank: int, port: int, cases: list, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         results = []
-        for x, ids, is_anchor, temperature in cases[rank]:
+        for x, ids, is_anchor, mined, temperature, fmcib in cases[rank]:
             layer = _layer()
-            loss = distributed_contrastive(layer(x), ids, is_anchor, temperature=temperature)
+            loss = distributed_contrastive(layer(x), ids, is_anchor, temperature, mined if fmcib else None)
             loss.backward()
             grad = layer.weight.grad.clone()
             dist.all_reduce(grad)  # what DDP does: sum, then divide by the world size
@@ -243,18 +354,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _split(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rank: int):
+def _split(parts: list[tuple[torch.Tensor, ...]], rank: int):
     """Rank ``rank``'s share of each block (view 1, view 2, mined, ...), stacked block after block."""
     local = [tuple(t.chunk(WORLD)[rank] for t in block) for block in parts]
-    return tuple(torch.cat([blk[i] for blk in local]) for i in range(3))
+    return tuple(torch.cat([blk[i] for blk in local]) for i in range(4))
 
 
 def _ddp_cases():
-    """Global batches as blocks of (x, ids, is_anchor); each rank takes its half of every block."""
+    """Global batches as blocks of (x, ids, is_anchor, is_mined); each rank takes its half of every block.
+
+    A case is (blocks, temperature, FMCIB's masks or label masks)."""
     g = torch.Generator().manual_seed(11)
 
     def block(n, ids, anchor=True):
-        return torch.randn(n, 10, generator=g), ids, torch.full((n,), anchor)
+        return torch.randn(n, 10, generator=g), ids, torch.full((n,), anchor), torch.full((n,), not anchor)
 
     b = 8  # SimCLR: 8 samples, ids = global sample index, two views
     simclr = [block(b, torch.arange(b)), block(b, torch.arange(b))]
@@ -264,11 +377,16 @@ def _ddp_cases():
     uneven = [block(8, torch.tensor([5, 6, 0, 1, 0, 1, 2, 2]))]
     # Mined negatives: lesion views (ids 0..B-1 twice) and 2B mined views (id -1, not anchors)
     mined = [block(b, torch.arange(b)), block(b, torch.arange(b)), block(2 * b, torch.full((2 * b,), -1), False)]
+    # FMCIB: lesion view 1, lesion view 2, mined view 1, mined view 2 of 8 samples; rank r holds samples 4r..4r+3
+    # of each block, so the sample ids are the global slots; a mined patch carries its sample's id
+    fmcib = [block(b, torch.arange(b)), block(b, torch.arange(b))]
+    fmcib += [block(b, torch.arange(b), False), block(b, torch.arange(b), False)]
     return {
-        "simclr": (simclr, 0.1),
-        "supcon": (supcon, 0.1),
-        "supcon-uneven": (uneven, 0.2),
-        "mined": (mined, 0.1),
+        "simclr": (simclr, 0.1, False),
+        "supcon": (supcon, 0.1, False),
+        "supcon-uneven": (uneven, 0.2, False),
+        "mined": (mined, 0.1, False),
+        "fmcib": (fmcib, 0.1, True),
     }
 
 
@@ -277,7 +395,7 @@ def ddp_results(tmp_path_factory):
     """Run every case once on two gloo CPU processes; (name -> (global blocks, temperature, rank results))."""
     cases = _ddp_cases()
     names = list(cases)
-    per_rank = [[(*_split(cases[n][0], r), cases[n][1]) for n in names] for r in range(WORLD)]
+    per_rank = [[(*_split(cases[n][0], r), *cases[n][1:]) for n in names] for r in range(WORLD)]
     tmp = tmp_path_factory.mktemp("ddp")
     outs = [str(tmp / f"rank{r}.pt") for r in range(WORLD)]
     ctx = mp.get_context("spawn")
@@ -293,18 +411,38 @@ def ddp_results(tmp_path_factory):
             p.join()
     assert [p.exitcode for p in procs] == [0] * WORLD, "a DDP rank failed or hung"
     ranks = [torch.load(o) for o in outs]
-    return {n: (cases[n][0], cases[n][1], [ranks[r][i] for r in range(WORLD)]) for i, n in enumerate(names)}
+    return {n: (*cases[n], [ranks[r][i] for r in range(WORLD)]) for i, n in enumerate(names)}
 
 
-@pytest.mark.parametrize("name", ["simclr", "supcon", "supcon-uneven", "mined"])
+@pytest.mark.parametrize("name", ["simclr", "supcon", "supcon-uneven", "mined", "fmcib"])
 def test_ddp_matches_single_process(ddp_results, name):
-    blocks, temperature, ranks = ddp_results[name]
-    x, ids, is_anchor = (torch.cat([blk[i] for blk in blocks]) for i in range(3))
+    blocks, temperature, fmcib, ranks = ddp_results[name]
+    x, ids, is_anchor, mined = (torch.cat([blk[i] for blk in blocks]) for i in range(4))
     layer = _layer()
-    loss = distributed_contrastive(layer(x), ids, is_anchor, temperature=temperature)
+    loss = distributed_contrastive(layer(x), ids, is_anchor, temperature, mined if fmcib else None)
     loss.backward()
     mean_loss = torch.stack([r[0] for r in ranks]).mean()
     torch.testing.assert_close(mean_loss, loss.detach(), **TOL)
     torch.testing.assert_close(ranks[0][1], ranks[1][1], rtol=0, atol=0)  # all-reduced: identical on both ranks
     torch.testing.assert_close(ranks[0][1], layer.weight.grad, **TOL)
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_ddp_simclr_mined_equals_fmcib_definition_on_the_global_batch(ddp_results):
+    # Two ranks of 4 samples: each rank's anchors take as negatives the mined patches of the 3 other samples on
+    # its rank and of the 4 samples on the other rank (gathered): FMCIB's definition on the global batch of 8.
+    blocks, temperature, _, ranks = ddp_results["fmcib"]
+    layer = _layer().double()
+    z = [layer(blk[0].double()) for blk in blocks]  # lesion view 1, view 2, mined view 1, view 2: (8, 8) each
+    ref = fmcib_definition(torch.stack(z[:2], dim=1), torch.stack(z[2:], dim=1), temperature)
+    ref.backward()
+    mean_loss = torch.stack([r[0] for r in ranks]).mean()
+    loss_diff = abs(float(mean_loss) - float(ref.detach()))
+    grad_diff = float((ranks[0][1].double() - layer.weight.grad).abs().max())
+    print(
+        f"\ntwo gloo ranks: loss {float(mean_loss):.6f} vs definition {float(ref.detach()):.6f}, |loss diff| {loss_diff:.2e}, "
+        f"max |grad diff| {grad_diff:.2e} (grad scale {float(layer.weight.grad.abs().max()):.2e})"
+    )
+    assert loss_diff < 1e-5
+    assert grad_diff < 1e-5
     assert layer.weight.grad.abs().sum() > 0

@@ -160,6 +160,43 @@ def test_projection_head_shapes_and_no_batch_norm_by_default():
     assert with_bn[0].bias is None and with_bn[-1].bias is not None  # BN follows: no bias; the output keeps it
 
 
+def test_projection_head_is_fmcibs_simclr_projection_head():
+    # FMCIB's head is lightly's SimCLRProjectionHead(4096, 2048, 128, batch_norm=False); the same layers at a
+    # small size: lightly's weights load into ours unchanged and give the same outputs.
+    from lightly.models.modules import SimCLRProjectionHead
+
+    torch.manual_seed(0)
+    theirs = SimCLRProjectionHead(64, 32, 16, batch_norm=False)
+    ours = projection_head(64, [32, 16], batch_norm=False)
+    ours.load_state_dict({k.removeprefix("layers."): v for k, v in theirs.state_dict().items()}, strict=True)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    fmcib = projection_head(4096, [2048, 128])
+    assert [(m.in_features, m.out_features, m.bias is not None) for m in fmcib if isinstance(m, nn.Linear)] == [
+        (4096, 2048, True),
+        (2048, 128, True),
+    ]
+
+
+def test_simclr_mined_objective_is_fmcibs_definition_on_its_embeddings():
+    from test_losses import fmcib_definition
+
+    torch.manual_seed(0)
+    module = PretrainModule(method="simclr-mined", trunk_args=SMALL, projection=[32, 16]).eval()
+    batch = hand_batch(batch=3, negatives=True)
+    hardneg = PretrainModule(method="simclr-hardneg", trunk_args=SMALL, projection=[32, 16]).eval()
+    hardneg.load_state_dict(module.state_dict())
+    with torch.no_grad():  # eval: batch norms use running statistics, so each view's embedding stands alone
+        loss = module.objective(batch)
+        hard = hardneg.objective(batch)
+        lesion = torch.stack([module.head(module(batch["views"][:, v])) for v in range(2)], dim=1)
+        mined = torch.stack([module.head(module(batch["negatives"][:, v])) for v in range(2)], dim=1)
+    reference = fmcib_definition(lesion, mined, 0.1)
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    # medfm's variant adds the other lesions and the own mined patch to the negatives: a larger denominator
+    assert hard.item() > loss.item() + 0.1
+
+
 def test_stack_views_orders_view_by_view():
     views = torch.arange(3 * 2 * 4).reshape(3, 2, 1, 2, 2)  # (B=3, V=2, C=1, 2, 2)
     stacked = stack_views(views)
@@ -181,12 +218,12 @@ def hand_batch(batch: int = 4, labels: list[int] | None = None, negatives: bool 
     return out
 
 
-@pytest.mark.parametrize("method", ["simclr", "simclr-mined", "supcon", "supervised"])
+@pytest.mark.parametrize("method", ["simclr", "simclr-mined", "simclr-hardneg", "supcon", "supervised"])
 def test_objective_is_a_finite_differentiable_scalar(method):
     torch.manual_seed(0)
     extra = {"num_classes": 2} if method == "supervised" else {}
     module = PretrainModule(method=method, trunk_args=SMALL, projection=[32, 16], **extra)
-    loss = module.objective(hand_batch(negatives=method == "simclr-mined"))
+    loss = module.objective(hand_batch(negatives=method.startswith("simclr-")))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in module.trunk.parameters()]
@@ -204,9 +241,10 @@ def test_objective_errors():
     supcon = PretrainModule(method="supcon", trunk_args=SMALL, projection=[32, 16])
     with pytest.raises(ValueError, match="label"):
         supcon.objective(hand_batch(labels=[0, 1, -1, 1]))
-    mined = PretrainModule(method="simclr-mined", trunk_args=SMALL, projection=[32, 16])
-    with pytest.raises(ValueError, match="mined_negatives"):
-        mined.objective(hand_batch(negatives=False))
+    for method in ("simclr-mined", "simclr-hardneg"):
+        mined = PretrainModule(method=method, trunk_args=SMALL, projection=[32, 16])
+        with pytest.raises(ValueError, match="mined_negatives"):
+            mined.objective(hand_batch(negatives=False))
 
 
 def test_cpu_sync_batchnorm_plugin_swaps_batch_norms_and_back():

@@ -3,7 +3,8 @@
 ``medfm pretrain fit`` runs twice from the same config: on two ranks with 4 samples each (DDP, SyncBatchNorm) and
 on one process with 8. The EpochSampler gives rank r the samples ``order[r::2]`` of the epoch's permutation, so
 both runs see the same 8 samples per step; views are seeded per (seed, epoch, sample); the contrastive loss
-gathers embeddings over ranks; the learning rate is scaled by the global batch (8) in both. The logged step loss
+gathers embeddings over ranks (with simclr-mined, FMCIB's objective, every rank's anchors take the mined patches of
+the other rank's samples as negatives); the learning rate is scaled by the global batch (8) in both. The logged step loss
 (averaged over ranks) must be the single-process loss, before and after an optimiser step.
 """
 
@@ -72,6 +73,7 @@ def write_config(folder: Path, manifest: Path, method: str) -> Path:
             "margin": 0,
             "batch_size": 4,
             "cache_dir": str(folder / "stores"),
+            "mined_negatives": 2 if method == "simclr-mined" else 0,
             "view": VIEW,
             "eval_view": EVAL_VIEW,
         },
@@ -87,7 +89,7 @@ def final_checkpoint(folder: Path) -> dict:
     return torch.load(last, map_location="cpu", weights_only=False)
 
 
-@pytest.fixture(scope="module", params=["simclr", "supcon"])
+@pytest.fixture(scope="module", params=["simclr", "supcon", "simclr-mined"])
 def runs(request, manifest, tmp_path_factory) -> tuple[Path, Path]:
     """The same config trained on two gloo ranks (batch 4 each) and on one process (batch 8), side by side."""
     root = tmp_path_factory.mktemp(f"ddp_{request.param}")

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from medfm.data.augment import build_view, default_view
 from medfm.data.store import store_from_arrays
-from medfm.data.training import NO_LABEL, EpochSampler, StoreViews
+from medfm.data.training import NO_LABEL, EpochSampler, StoreViews, mined_turn
 
 # ---------------------------------------------------------------------------------------------- EpochSampler
 
@@ -162,11 +162,24 @@ def test_mined_items_carry_views_of_one_negative(store, view):
     assert not torch.equal(item["negatives"][0], item["negatives"][1])
     assert not torch.equal(item["negatives"], item["views"])
     seeds = np.random.SeedSequence([7, 3, 0]).generate_state(5)
-    chosen = np.asarray(store.negatives[0][int(seeds[-1]) % 2])
+    turn = int(np.random.default_rng([7, 0, 1]).permutation(2)[1])  # epoch 3: cycle 1 of the pool of 2, turn 1
+    assert turn == mined_turn(2, 7, 3, 0)
+    chosen = np.asarray(store.negatives[0][turn])
     expected = np.stack([view(chosen, int(seeds[2 + v])) for v in range(2)])
     np.testing.assert_array_equal(item["negatives"].numpy(), expected)
     assert torch.equal(item["views"], StoreViews(store, view, seed=7)[(0, 3)]["views"])  # same positive views
     assert torch.equal(item["negatives"], data[(0, 3)]["negatives"])
+
+
+def test_mined_turns_serve_every_pooled_patch_once_per_cycle():
+    # FMCIB draws a fresh background patch every step; from a pool of K, K consecutive epochs see K distinct ones
+    for pool in (1, 3, 8):
+        for entry in (0, 5):
+            turns = [mined_turn(pool, 7, epoch, entry) for epoch in range(3 * pool)]
+            for cycle in range(3):
+                assert sorted(turns[cycle * pool : (cycle + 1) * pool]) == list(range(pool))
+    orders = {tuple(mined_turn(8, 7, e, entry) for e in range(8)) for entry in range(6)}
+    assert len(orders) > 1  # the order is seeded per entry, not one shared cycle
 
 
 def test_mined_needs_a_store_with_negatives(tmp_path, view):

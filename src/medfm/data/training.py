@@ -73,8 +73,16 @@ class EpochSampler(Sampler):
             yield int(index), self.epoch
 
 
+def mined_turn(pool: int, seed: int, epoch: int, entry: int) -> int:
+    """Which of an entry's ``pool`` mined patches serves ``epoch``: every ``pool`` epochs serve each one once, in a
+    seeded order, so a pool as large as the number of epochs gives a fresh patch every epoch (as FMCIB draws)."""
+    cycle, turn = divmod(epoch, pool)
+    return int(np.random.default_rng([seed, entry, cycle]).permutation(pool)[turn])
+
+
 class StoreViews(Dataset):
-    """Items of a patch store: ``views`` augmented views of the patch (and of one mined negative), with labels
+    """Items of a patch store: ``views`` augmented views of the patch (and of one mined negative, see
+    :func:`mined_turn`), with labels
     and, when given, float ``targets`` per store entry (regression values, survival time and event)."""
 
     def __init__(
@@ -117,7 +125,7 @@ class StoreViews(Dataset):
             item["target"] = torch.from_numpy(np.atleast_1d(self.targets[entry]).astype(np.float32))
         if self.mined:
             negatives = self.store.negatives[entry]
-            chosen = np.array(negatives[int(seeds[-1]) % len(negatives)])
+            chosen = np.array(negatives[mined_turn(len(negatives), self.seed, epoch, entry)])
             item["negatives"] = torch.from_numpy(
                 np.stack([self.view(chosen, int(seeds[self.views + v])) for v in range(self.views)])
             )

@@ -1,12 +1,17 @@
-"""One contrastive loss on explicit positive/negative masks, and the masks of SimCLR, mined-negative SimCLR and SupCon.
+"""One contrastive loss on explicit positive/negative masks, and the masks of SimCLR, FMCIB's mined-negative SimCLR,
+medfm's hard-negative variant of it, and SupCon.
 
 For an anchor ``i`` with positives ``P(i)`` and negatives ``N(i)`` (cosine similarities ``s`` over temperature ``T``):
 
     loss_i = -1/|P(i)| * sum_{p in P(i)} [ s_ip / T - log sum_{k in P(i) ∪ N(i)} exp(s_ik / T) ]
 
 With one positive and every other sample a negative this is SimCLR's NT-Xent; with the positives of the same
-label it is supervised contrastive ("L_out" of Khosla et al.); FMCIB's mined negatives are extra samples that
-are negatives of every anchor but anchors themselves never. Anchors without a positive do not count.
+label it is supervised contrastive ("L_out" of Khosla et al.). Mined patches (from elsewhere in a sample's scan) are
+never anchors. FMCIB's objective (``simclr-mined``, :func:`mined_masks`) gives each lesion view one positive, the
+other view of its lesion, and as negatives only the two views of the mined patches of the *other* samples (other
+lesions are not negatives; its own sample's mined patch is not either). medfm's variant (``simclr-hardneg``,
+:func:`label_masks` with id -1) adds every mined patch, its own included, to SimCLR's in-batch negatives. Anchors
+without a positive do not count.
 
 Across processes (DDP) each rank keeps its own anchors and compares them with the embeddings of all ranks,
 gathered with their gradients, so the mean of the ranks' losses is the single-process loss of the global batch
@@ -63,13 +68,36 @@ def label_masks(
     return same & not_self, ~same & not_self
 
 
+def mined_masks(
+    anchor_ids: torch.Tensor, candidate_ids: torch.Tensor, candidate_mined: torch.Tensor, self_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FMCIB's masks: the positive is a lesion view of the anchor's own sample (not itself); the negatives are
+    the mined patches of every other sample, and nothing else.
+
+    Ids name samples, a mined patch carrying the id of the sample it was mined for; ``candidate_mined`` marks
+    the mined patches among the candidates.
+    """
+    same = anchor_ids[:, None] == candidate_ids[None, :]
+    mined = candidate_mined[None, :].expand_as(same)
+    positives = same & ~mined
+    positives[torch.arange(len(anchor_ids), device=same.device), self_index] = False
+    return positives, ~same & mined
+
+
 def distributed_contrastive(
-    embeddings: torch.Tensor, ids: torch.Tensor, is_anchor: torch.Tensor, temperature: float = 0.1
+    embeddings: torch.Tensor,
+    ids: torch.Tensor,
+    is_anchor: torch.Tensor,
+    temperature: float = 0.1,
+    mined: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contrastive loss of this rank's anchors against the embeddings of every rank.
 
     ``ids`` name what is alike: the source sample for SimCLR (its two views share it), the class label for
-    SupCon, -1 for a mined negative. ``is_anchor`` selects the rows that are anchors (mined negatives are not).
+    SupCon, -1 for a mined negative of medfm's hard-negative variant. ``is_anchor`` selects the rows that are
+    anchors (mined patches are not). With ``mined`` (rows that are mined patches, whose ids name the sample they
+    were mined for, unique over ranks) the masks are FMCIB's (:func:`mined_masks`): under DDP the mined patches
+    of every other rank's samples are negatives too.
     Every rank must hold the same number of rows. The rank's mean is weighted by its share of the anchors that
     have a positive, so the mean over ranks is the global batch's loss even when ranks count different numbers
     of them (SupCon with a label seen once).
@@ -79,7 +107,10 @@ def distributed_contrastive(
     all_ids = gather(ids)
     offset = rank * len(embeddings)
     local = torch.nonzero(is_anchor, as_tuple=True)[0]
-    positives, negatives = label_masks(ids[local], all_ids, local + offset)
+    if mined is None:
+        positives, negatives = label_masks(ids[local], all_ids, local + offset)
+    else:
+        positives, negatives = mined_masks(ids[local], all_ids, gather(mined.long()) > 0, local + offset)
     loss = contrastive_loss(embeddings[local], everything, positives, negatives, temperature)
     if size == 1:
         return loss

@@ -1,8 +1,9 @@
-"""The pre-training LightningModule: a trunk, a projection head and one of four objectives.
+"""The pre-training LightningModule: a trunk, a projection head and one of five objectives.
 
-``simclr``: NT-Xent between two views of each sample. ``simclr-mined``: as FMCIB, two views of a random patch
-from elsewhere in the same scan join every anchor's negatives. ``supcon``: supervised contrastive, views of the
-same label are positives. ``supervised``: cross-entropy of a linear head on the trunk's features. The contrastive
+``simclr``: NT-Xent between two views of each sample. ``simclr-mined``: FMCIB's objective, each lesion view's
+negatives are only the two views of the patches mined (from elsewhere in their scans) for the other samples of the
+global batch. ``simclr-hardneg``: medfm's variant, SimCLR's in-batch negatives plus every mined patch (the anchor's
+own sample's included). ``supcon``: supervised contrastive, views of the same label are positives. ``supervised``: cross-entropy of a linear head on the trunk's features. The contrastive
 objectives share :func:`medfm.pretrain.losses.distributed_contrastive`, which gathers embeddings across ranks.
 """
 
@@ -19,9 +20,11 @@ from medfm.models.registry import trunk_args as resolve_trunk_args
 from medfm.models.transfer import transfer_weights
 from medfm.pretrain.losses import distributed_contrastive
 from medfm.pretrain.monitor import knn_scores
+from medfm.train.distributed import world
 from medfm.train.optim import build_optimizer, param_groups, scaled_lr, trainer_schedule
 
-METHODS = ("simclr", "simclr-mined", "supcon", "supervised")
+METHODS = ("simclr", "simclr-mined", "simclr-hardneg", "supcon", "supervised")
+MINED = ("simclr-mined", "simclr-hardneg")
 
 
 def projection_head(in_dim: int, widths: list[int], batch_norm: bool = False) -> nn.Sequential:
@@ -44,10 +47,11 @@ def stack_views(views: torch.Tensor) -> torch.Tensor:
 
 
 class PretrainModule(pl.LightningModule):
-    """Pre-train a trunk with SimCLR, mined-negative SimCLR, SupCon or supervised cross-entropy.
+    """Pre-train a trunk with SimCLR, mined-negative SimCLR (FMCIB's or medfm's), SupCon or supervised cross-entropy.
 
     Args:
-        method: one of ``simclr``, ``simclr-mined``, ``supcon``, ``supervised``.
+        method: one of ``simclr``, ``simclr-mined`` (FMCIB's objective), ``simclr-hardneg`` (medfm's variant),
+            ``supcon``, ``supervised``.
         trunk: a registered model name (``resnet18``, ``fmcib-resnet50``, …) or ``resnet3d`` with ``trunk_args``
             (``depth`` 10/18/34/50, ``widen_factor``, ``conv1_t_stride``).
         in_channels: input channels of the trunk (1 for CT and grey images).
@@ -115,15 +119,22 @@ class PretrainModule(pl.LightningModule):
             return F.cross_entropy(self.head(self.trunk(x)), labels)
         ids = labels if method == "supcon" else batch["index"].repeat(n_views)
         is_anchor = torch.ones(len(x), dtype=torch.bool, device=x.device)
-        if method == "simclr-mined":
+        mined = None
+        if method in MINED:
             if "negatives" not in batch:
-                raise ConfigError("method simclr-mined needs mined negatives: set data.mined_negatives > 0")
+                raise ConfigError(f"method {method} needs mined negatives: set data.mined_negatives > 0")
             negatives = stack_views(batch["negatives"])
             x = torch.cat([x, negatives])
-            ids = torch.cat([ids, torch.full((len(negatives),), -1, dtype=ids.dtype, device=ids.device)])
             is_anchor = torch.cat([is_anchor, torch.zeros(len(negatives), dtype=torch.bool, device=x.device)])
+            if method == "simclr-hardneg":
+                ids = torch.cat([ids, torch.full((len(negatives),), -1, dtype=ids.dtype, device=ids.device)])
+            else:  # FMCIB: samples are named by their slot in the global batch, a mined patch by its sample's
+                rank, _ = world()
+                slots = rank * len(views) + torch.arange(len(views), device=x.device)
+                ids = slots.repeat(2 * n_views)
+                mined = torch.arange(len(x), device=x.device) >= len(x) - len(negatives)
         z = self.head(self.trunk(x))
-        return distributed_contrastive(z, ids, is_anchor, self.hparams.temperature)
+        return distributed_contrastive(z, ids, is_anchor, self.hparams.temperature, mined)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimiser step's loss, logged per step and per epoch."""
