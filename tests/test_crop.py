@@ -189,3 +189,35 @@ def test_cli_bad_manifest_exits_2_with_one_line(tmp_path, capsys):
     assert "Traceback" not in captured.err
     assert captured.out == ""
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- damaged inputs
+
+
+def test_crop_refuses_a_gapped_series_and_reads_it_by_position_when_asked(tmp_path, capsys):
+    from test_io import BROKEN, EVEN, HINT, SERIES_UID, write_stack
+
+    gapped = write_stack(tmp_path / "gapped", BROKEN["gap"][0])
+    full = write_stack(tmp_path / "full", EVEN)  # the same scan with the missing slice present
+    seeds = [(-4.0, -3.0, 27.5), (-6.0, -1.0, 31.0)]  # the second next to the missing slice (z = 27.5)
+    table = pd.DataFrame({"image_path": ["gapped", "gapped"], **{c: [s[k] for s in seeds] for k, c in enumerate(("coordX", "coordY", "coordZ"))}})  # fmt: skip
+    table.to_csv(tmp_path / "m.csv", index=False)
+    manifest = read_manifest(tmp_path / "m.csv")
+    reason = f"series {SERIES_UID}: {BROKEN['gap'][1]}{HINT} (irregular_series='resample')"
+    with pytest.raises(RowError) as info:
+        crop_manifest(manifest, FMCIB, tmp_path / "refused", progress=False)
+    assert str(info.value) == f"row 0 (image_path={gapped}): {reason}"
+    result = crop_manifest(manifest, FMCIB, tmp_path / "skipped", on_error="skip", progress=False)
+    assert result.n_written == 0 and result.errors == {0: reason, 1: reason}
+    rc = main(["crop", str(tmp_path / "m.csv"), "--out", str(tmp_path / "cli"), "--quiet"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"row 0 (image_path={gapped}): {reason}")
+
+    result = crop_manifest(manifest, FMCIB, tmp_path / "resampled", irregular_series="resample", progress=False)
+    whole = read_volume(full)
+    np.testing.assert_allclose(
+        np.load(result.patches), np.stack([crop_patch(whole, s, FMCIB) for s in seeds]), rtol=0, atol=1e-6
+    )
+    index = pd.read_csv(result.index)
+    flag = f"read anyway: series {SERIES_UID}: {BROKEN['gap'][1]}; slices interpolated by position"
+    assert index["warnings"].tolist() == [flag, flag]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 
 from medfm.data.datasets import VolumePatches
@@ -65,3 +66,112 @@ def test_patches_of_a_dicom_stack_read_by_the_box_equal_whole_series_crops(tmp_p
         assert item.rows == [0, 1, 2, 3] and not item.errors
         for row, patch in zip(item.rows, item.patches):
             np.testing.assert_allclose(patch, crop_patch(volume, seeds[row], profile), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- damaged inputs
+
+
+def _nan_volume(tmp_path, suffix):
+    """An 80³ float32 CT (1 mm, origin 0) in HU with one NaN at voxel (x, y, z) = (10, 11, 12); two seeds, near and far."""
+    from medfm.data.io import Geometry, write_volume
+
+    array = np.random.default_rng(3).uniform(-1000, 400, size=(80, 80, 80)).astype(np.float32)
+    array[12, 11, 10] = np.nan
+    geometry = Geometry((80, 80, 80), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    path = write_volume(array, geometry, tmp_path / f"nan{suffix}")
+    pd.DataFrame({"image_path": [path.name] * 2, "coordX": [12.0, 60.0], "coordY": [12.0, 62.0], "coordZ": [12.0, 64.0]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )  # fmt: skip
+    return read_manifest(tmp_path / "m.csv"), array, geometry
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha"])
+def test_nan_voxels_around_a_seed_are_a_row_error_or_a_flagged_row(tmp_path, suffix):
+    from medfm.data.io import Volume
+
+    manifest, array, geometry = _nan_volume(tmp_path, suffix)
+    if suffix == ".nii.gz":  # what ITK does with NaN in NIfTI: 0, without a word; medfm reads the voxels itself
+        assert read_volume(manifest.paths[0]).array[12, 11, 10] == 0.0
+    item = VolumePatches(manifest, FMCIB)[0]
+    assert item.errors == {
+        0: "1 NaN/Inf voxel where the patch is sampled (first at voxel (10, 11, 12)); --non-finite pad reads them as "
+        "-1024 and flags the row"
+    }
+    assert item.rows == [1]  # the far seed is untouched
+    far = array.copy()
+    far[12, 11, 10] = -1024.0
+    np.testing.assert_allclose(
+        item.patches[0], crop_patch(Volume(far, geometry, ""), (60.0, 62.0, 64.0), FMCIB), atol=1e-6
+    )
+
+    item = VolumePatches(manifest, FMCIB, non_finite="pad")[0]
+    assert item.rows == [0, 1] and not item.errors
+    assert item.flags == {
+        0: "1 NaN/Inf voxel where the patch is sampled (first at voxel (10, 11, 12)), padded with -1024"
+    }
+    expected = crop_patch(Volume(far, geometry, ""), (12.0, 12.0, 12.0), FMCIB)
+    assert np.isfinite(item.patches[0]).all()
+    np.testing.assert_allclose(item.patches[0], expected, atol=1e-6)
+
+
+def test_disagreeing_qform_and_sform_are_named_with_the_distance_and_the_one_used(tmp_path):
+    import warnings
+
+    nib = pytest.importorskip("nibabel")
+    from medfm.data.datasets import iter_volume_items
+
+    sform = np.diag([1.0, 1.0, 2.0, 1.0])
+    sform[:3, 3] = (10.0, 20.0, 30.0)
+    qform = sform.copy()
+    qform[0, 3] = 0.0  # 10 mm apart along x
+    for scode, used in ((1, "sform"), (2, "qform")):  # ITK prefers a scanner sform, else the qform; nibabel the sform
+        image = nib.Nifti1Image(np.full((20, 20, 10), -500, np.int16), None)
+        image.set_sform(sform, code=scode)
+        image.set_qform(qform, code=1)
+        path = tmp_path / f"s{scode}.nii.gz"
+        nib.save(image, path)
+        lps = (-(10.0 if used == "sform" else 0.0) - 5, -25.0, 40.0)
+        pd.DataFrame({"image_path": [path.name], "coordX": [lps[0]], "coordY": [lps[1]], "coordZ": [lps[2]]}).to_csv(
+            tmp_path / "m.csv", index=False
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            items = list(iter_volume_items(read_manifest(tmp_path / "m.csv"), FMCIB))
+        assert items[0].rows == [0]
+        messages = [str(w.message) for w in caught if "qform" in str(w.message)]
+        assert messages == [
+            f"{path}: the NIfTI qform (code 1) and sform (code {scode}) disagree by up to 10.0 mm (voxel (0, 0, 0) at "
+            f"LPS (0.0, -20.0, 30.0) by the qform, (-10.0, -20.0, 30.0) by the sform); medfm reads with SimpleITK, "
+            f"which uses the {used} here (nibabel and nilearn use the sform); check which one is right"
+        ]
+
+
+def test_a_vector_nifti_is_refused_from_its_header_without_crashing(tmp_path):
+    """ITK's region read of a vector NIfTI segfaults; run medfm in a subprocess so a crash cannot take pytest down."""
+    import subprocess
+    import sys
+
+    nib = pytest.importorskip("nibabel")
+    image = nib.Nifti1Image(np.random.default_rng(0).normal(size=(20, 20, 20, 1, 3)).astype(np.float32), np.eye(4))
+    image.header.set_intent("vector")
+    nib.save(image, tmp_path / "vector.nii.gz")
+    pd.DataFrame({"image_path": ["vector.nii.gz"] * 2, "coordX": [-5.0, -6.0], "coordY": [-5.0, -6.0], "coordZ": [5.0, 6.0]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )  # fmt: skip
+    reason = "expected one value per voxel, got 3 (a vector or RGB image); give a scalar volume"
+    for extra in ([], ["--on-error", "skip"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "medfm.cli", "crop", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"), "--quiet", *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if extra:
+            assert run.returncode == 0, run.stderr
+            errors = pd.read_csv(tmp_path / "out" / "patches.errors.csv")
+            assert errors["reason"].tolist() == [reason, reason]
+        else:
+            assert run.returncode == 2, run.stderr
+            assert (
+                run.stderr.strip()
+                .splitlines()[-1]
+                .endswith(f"row 0 (image_path={tmp_path / 'vector.nii.gz'}): {reason}")
+            )

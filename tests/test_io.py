@@ -353,8 +353,99 @@ def test_an_oblique_shuffled_dicom_stack_is_read_by_the_box(tmp_path):
     gapped.mkdir()
     for f in in_slice_order[:2] + in_slice_order[3:]:  # the third slice is missing
         (gapped / Path(f).name).write_bytes(Path(f).read_bytes())
-    assert dicom_stack(gapped) is None  # a missing slice: not evenly spaced, so the series is read whole
+    with pytest.raises(VolumeError, match="gap of 5.0 mm"):  # a missing slice: refused, by both readers
+        dicom_stack(gapped)
+    with pytest.raises(VolumeError, match="gap of 5.0 mm"):
+        read_volume(gapped)
 
 
 def test_the_real_ct_series_is_read_by_the_box(need_shared):
     _check_boxes(need_shared(*DICOM_CT))
+
+
+# ------------------------------------------------------------------------------ series that are not one clean stack
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+SERIES_UID = "1.2.826.0.1.3680043.8.498.777"
+
+
+def write_stack(folder: Path, z: list[float], orientations: dict[int, tuple] | None = None) -> Path:
+    """An axial CT series, one file per z (mm), InstanceNumber 1, 2, … in the order given; voxel value 10·z + x."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    for n, zk in enumerate(z):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.Modality = SERIES_UID, "1.2.3", "CT"
+        ds.InstanceNumber = n + 1
+        ds.ImagePositionPatient = [-10.0, -8.0, zk]
+        ds.ImageOrientationPatient = list((orientations or {}).get(n, AXIAL))
+        ds.PixelSpacing, ds.Rows, ds.Columns = [1.0, 1.0], 12, 14
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = (np.round(10 * zk) + np.arange(14)[None, :] + np.zeros((12, 1))).astype(np.int16).tobytes()
+        ds.save_as(folder / f"f{n:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+EVEN = [2.5 * k for k in range(20)]
+BROKEN = {
+    "gap": (EVEN[:11] + EVEN[12:], "gap of 5.0 mm between instance 11 and 12, expected 2.5 mm (1 slice missing)"),
+    "duplicate": (EVEN[:8] + [EVEN[7]] + EVEN[8:],
+                  "instance 8 and 9 lie at the same position (-10.0, -8.0, 17.5) mm (a duplicated slice; "
+                  "1 such pair); keep one of them"),
+    "spacing": ([2.5 * k for k in range(10)] + [22.5 + 3.5 * k for k in range(1, 11)],
+                "slice spacing changes from 2.5 mm to 3.5 mm between instance 10 and 11"),
+    "orientation": (EVEN, "1 of 20 slices have another orientation (instance 6: (1.0, 0.0, 0.0, 0.0, 0.9962, "
+                    "-0.0872), the others (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)); the series is not one stack"),
+}  # fmt: skip
+TILTED = {5: (1.0, 0.0, 0.0, 0.0, float(np.cos(0.0873)), float(-np.sin(0.0873)))}  # slice 6 tilted by 5°
+HINT = "; to read it anyway, interpolating slices by their position, use --irregular-series resample"
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.parametrize("reader", ["header fast path", "whole series", "geometry"])
+def test_a_series_that_is_not_one_clean_stack_is_refused_by_every_reader(tmp_path, case, reader):
+    z, problem = BROKEN[case]
+    folder = write_stack(tmp_path / case, z, TILTED if case == "orientation" else None)
+    read = {"header fast path": dicom_stack, "whole series": read_volume, "geometry": read_geometry}[reader]
+    with pytest.raises(VolumeError) as info:
+        read(folder)
+    expected = f"{folder}: series {SERIES_UID}: {problem}"
+    if case in ("gap", "spacing"):
+        expected += HINT + " (irregular_series='resample')"
+    assert str(info.value) == expected
+    if case in ("duplicate", "orientation"):  # no opting in: there is no right answer to read
+        with pytest.raises(VolumeError, match="same position|another orientation"):
+            read(folder, irregular="resample")
+
+
+@pytest.mark.parametrize("case", ["gap", "spacing"])
+def test_an_irregular_series_is_resampled_by_position_when_asked(tmp_path, case):
+    """Slices are placed where their headers say: values linear in z (10·z) come out exactly 10·z on the even grid."""
+    z, problem = BROKEN[case]
+    folder = write_stack(tmp_path / case, z)
+    stack = dicom_stack(folder, irregular="resample")
+    whole = read_volume(folder, irregular="resample")
+    g = whole.geometry
+    assert stack.geometry == g
+    assert whole.note == stack.irregularity == f"series {SERIES_UID}: {problem}"
+    extent = z[-1] - z[0]
+    assert g.size == (14, 12, round(extent / 2.5) + 1)
+    assert g.spacing == (1.0, 1.0, extent / (g.size[2] - 1))
+    assert g.origin == (-10.0, -8.0, 0.0)
+    slice_z = np.arange(g.size[2]) * g.spacing[2]
+    np.testing.assert_allclose(whole.array[:, 0, 0], 10 * slice_z, atol=1e-3)  # by position, not by file index
+    np.testing.assert_allclose(whole.array[:, 3, 5], 10 * slice_z + 5, atol=1e-3)
+    box = read_stack_region(stack, (2, 1, 7), (5, 4, 6))  # the fast path gives the same voxels
+    np.testing.assert_array_equal(box.array, whole.array[7:13, 1:5, 2:7])
+    assert box.geometry.origin == pytest.approx(g.index_to_world(np.array([2.0, 1.0, 7.0])))
+    assert read_geometry(folder, irregular="resample") == g

@@ -25,6 +25,8 @@ def _crop(args: argparse.Namespace) -> None:
         on_error=args.on_error,
         num_workers=args.workers or 0,
         progress=not args.quiet,
+        irregular_series=args.irregular_series,
+        non_finite=args.non_finite,
     )
     print(f"wrote {result.n_written} patches to {result.patches} and {result.index}")
     if result.nifti_dir:
@@ -65,6 +67,8 @@ def _extract(args: argparse.Namespace) -> None:
         in_channels=args.in_channels,
         devices=args.devices,
         num_nodes=args.num_nodes,
+        irregular_series=args.irregular_series,
+        non_finite=args.non_finite,
     )
     if not _is_rank_zero():
         return
@@ -343,6 +347,19 @@ def _add_manifest_args(p: argparse.ArgumentParser) -> None:
         help="processes reading volumes ahead (0: in the main process; default: 0 on CPU, up to 4 ahead of a GPU)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--irregular-series",
+        choices=["refuse", "resample"],
+        default="refuse",
+        help="DICOM series with a missing slice or changing spacing: a row error, or read onto an even grid "
+        "interpolating slices by position (rows flagged)",
+    )
+    p.add_argument(
+        "--non-finite",
+        choices=["refuse", "pad"],
+        default="refuse",
+        help="NaN/Inf voxels where a patch is sampled: a row error, or read as the profile's padding (rows flagged)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

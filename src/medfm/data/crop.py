@@ -37,8 +37,13 @@ def crop_manifest(
     on_error: str = "raise",
     num_workers: int = 0,
     progress: bool = True,
+    irregular_series: str = "refuse",
+    non_finite: str = "refuse",
 ) -> CropResult:
-    """Write ``patches.npy`` (N, C, Z, Y, X) — (N, C, H, W) for 2D profiles — float32 in row order, and ``index.csv``."""
+    """Write ``patches.npy`` (N, C, Z, Y, X) — (N, C, H, W) for 2D profiles — float32 in row order, and ``index.csv``.
+
+    Rows read under ``irregular_series='resample'`` or ``non_finite='pad'`` say so in a ``warnings`` column.
+    """
     profile = get_profile(profile)
     if nifti and isinstance(profile, Profile2D):
         raise MedfmError(f"profile {profile.name} is 2D: --nifti writes 3D patches only")
@@ -52,14 +57,19 @@ def crop_manifest(
     shape = (profile.channels, *profile.size)
     errors: dict[int, str] = {}
     done: list[int] = []
+    flags: dict[int, str] = {}
     final = out / "patches.npy"
     staging = out / ".patches.staging.npy"
     try:
         staged = np.lib.format.open_memmap(staging, mode="w+", dtype=np.float32, shape=(len(candidates), *shape))
         with progress_bar(progress) as bar:
             task = bar.add_task("cropping", total=len(manifest))
-            for item in iter_volume_items(manifest, profile, num_workers=num_workers, on_error=on_error):
+            for item in iter_volume_items(
+                manifest, profile, num_workers=num_workers, on_error=on_error,
+                irregular_series=irregular_series, non_finite=non_finite,
+            ):  # fmt: skip
                 errors.update(item.errors)
+                flags.update(item.flags)
                 for row, patch, geometry in zip(item.rows, item.patches, item.geometries):
                     staged[slot[row]] = patch
                     done.append(row)
@@ -84,6 +94,8 @@ def crop_manifest(
     index = manifest.table.iloc[done].copy()
     index.insert(0, "patch_index", np.arange(len(done)))
     index.insert(0, "row", done)
+    if flags:
+        index["warnings"] = [flags.get(row, "") for row in done]
     index_path = write_table(index, out / "index.csv")
     write_json(
         {"profile": profile.to_dict(), "manifest": manifest.source, "coords": manifest.coords}, out / "crop.json"

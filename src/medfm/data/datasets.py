@@ -12,8 +12,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medfm.data.images2d import intensity_warning2d, preprocess2d, read_image2d
-from medfm.data.io import Geometry, dicom_stack, read_geometry, read_region, read_stack_region, read_volume
+from medfm.data.io import (
+    Geometry,
+    Volume,
+    dicom_stack,
+    read_geometry,
+    read_region,
+    read_stack_region,
+    read_volume,
+)
 from medfm.data.manifest import Manifest
+from medfm.data.nifti import form_disagreement, nonfinite_voxels
 from medfm.data.patches import PatchPlan, plan_patch, sample_patch, source_region
 from medfm.data.profiles import Profile, Profile2D
 from medfm.errors import ConfigError, MedfmError, RowError
@@ -27,15 +36,31 @@ class VolumeItem:
     patches: list[np.ndarray] = field(default_factory=list)
     geometries: list[Geometry | None] = field(default_factory=list)  # None for 2D images
     errors: dict[int, str] = field(default_factory=dict)
-    warning: str | None = None
+    warning: str | None = None  # shown once a run (the intensity check)
+    notices: list[str] = field(default_factory=list)  # shown for every file (e.g. disagreeing qform and sform)
+    flags: dict[int, str] = field(default_factory=dict)  # good rows read under an opt-in (irregular series, NaN)
+
+
+NON_FINITE = ("refuse", "pad")  # what to do with NaN/Inf voxels where a patch is sampled
 
 
 class VolumePatches(Dataset):
     """One item per volume (or 2D image): it is read once and every row that points at it gets its patch."""
 
-    def __init__(self, manifest: Manifest, profile: Profile | Profile2D, rows: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        profile: Profile | Profile2D,
+        rows: list[int] | None = None,
+        irregular_series: str = "refuse",
+        non_finite: str = "refuse",
+    ) -> None:
+        if non_finite not in NON_FINITE:
+            raise ValueError(f"non_finite={non_finite!r}; allowed {NON_FINITE}")
         self.manifest = manifest
         self.profile = profile
+        self.irregular_series = irregular_series
+        self.non_finite = non_finite
         todo = [r for r in (range(len(manifest)) if rows is None else rows) if r not in manifest.row_errors]
         self.groups = manifest.volumes(todo)
 
@@ -51,9 +76,12 @@ class VolumePatches(Dataset):
         try:
             # Plan from the header, then read only the box the patches need: of a file, or of the slices of an evenly
             # spaced DICOM stack. Any other DICOM series is read whole.
-            stack = dicom_stack(path, uid) if os.path.isdir(path) else None
-            volume = read_volume(path, uid) if os.path.isdir(path) and stack is None else None
+            irregular = self.irregular_series
+            stack = dicom_stack(path, uid, irregular) if os.path.isdir(path) else None
+            volume = read_volume(path, uid, irregular) if os.path.isdir(path) and stack is None else None
             geometry = volume.geometry if volume else stack.geometry if stack else read_geometry(path)
+            if notice := (None if os.path.isdir(path) else form_disagreement(path, geometry.matrix)):
+                item.notices.append(notice)
             for row in rows:
                 try:
                     plans[row] = plan_patch(geometry, self.manifest.seeds_lps[row], self.profile)
@@ -68,12 +96,48 @@ class VolumePatches(Dataset):
             return item
         if volume is None:
             return item
+        bad = self._nonfinite(path, volume, geometry)
         item.warning = self.profile.intensity_warning(volume.array)
         for row, plan in plans.items():
+            if volume.note:
+                item.flags[row] = f"read anyway: {volume.note}; slices interpolated by position"
+            if len(bad):
+                start, size = source_region(geometry, [plan])
+                inside = bad[np.all((bad >= start) & (bad < np.add(start, size)), axis=1)]
+                if len(inside):
+                    what = (f"{len(inside)} NaN/Inf voxel{'s' if len(inside) > 1 else ''} where the patch is sampled "
+                            f"(first at voxel {tuple(int(v) for v in inside[0])})")  # fmt: skip
+                    if self.non_finite == "refuse":
+                        item.errors[row] = (
+                            f"{what}; --non-finite pad reads them as {self.profile.pad_hu:g} and flags the row"
+                        )
+                        continue
+                    item.flags[row] = "; ".join(
+                        filter(None, [item.flags.get(row), f"{what}, padded with {self.profile.pad_hu:g}"])
+                    )
             item.patches.append(sample_patch(volume, plan, self.profile))
             item.geometries.append(plan.geometry)
             item.rows.append(row)
         return item
+
+    def _nonfinite(self, path: str, volume: Volume, whole: Geometry) -> np.ndarray:
+        """(x, y, z) indices (in ``whole``, the file's grid) of the NaN/Inf voxels of what was read; in the array they
+        become ``pad_hu``. They survive in the array for most formats; ITK reads them as 0 from NIfTI, so a float NIfTI
+        file is scanned for them itself."""
+        offset = np.rint(whole.world_to_index(np.asarray(volume.geometry.origin))).astype(int)
+        found = [np.argwhere(~np.isfinite(volume.array))[:, ::-1] + offset] if volume.array.dtype.kind == "f" else []
+        hidden = None if os.path.isdir(path) else nonfinite_voxels(path)
+        if hidden is not None:
+            found.append(hidden)
+        if not sum(len(f) for f in found):
+            return np.zeros((0, 3), dtype=int)
+        bad = np.unique(np.concatenate(found), axis=0)
+        local = bad - offset
+        local = local[np.all((local >= 0) & (local < np.asarray(volume.array.shape[::-1])), axis=1)]
+        if volume.array.dtype.kind != "f":
+            volume.array = volume.array.astype(np.float32)
+        volume.array[local[:, 2], local[:, 1], local[:, 0]] = self.profile.pad_hu
+        return bad
 
     def _image(self, path: str, rows: list[int]) -> VolumeItem:
         """A 2D image: read once, shaped by the profile, shared by its rows (no geometry)."""
@@ -110,11 +174,15 @@ def iter_volume_items(
     rows: list[int] | None = None,
     num_workers: int = 0,
     on_error: str = "raise",
+    irregular_series: str = "refuse",
+    non_finite: str = "refuse",
 ) -> Iterator[VolumeItem]:
     """Yield the patches volume by volume, reading ahead in ``num_workers`` processes.
 
     With ``on_error='raise'`` the first bad row (from the manifest checks, then from reading) raises
-    :class:`RowError`; with ``'skip'`` bad rows are reported in each item's ``errors``.
+    :class:`RowError`; with ``'skip'`` bad rows are reported in each item's ``errors``. ``irregular_series='resample'``
+    reads DICOM series with gaps or changing spacing and ``non_finite='pad'`` pads NaN/Inf voxels; such rows are
+    named in each item's ``flags``.
     """
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error={on_error!r}; allowed 'raise' or 'skip'")
@@ -125,7 +193,7 @@ def iter_volume_items(
         raise RowError(row, manifest.paths[row] or "<empty>", early[row])
     if early:
         yield VolumeItem(errors=early)
-    dataset = VolumePatches(manifest, profile, rows)
+    dataset = VolumePatches(manifest, profile, rows, irregular_series=irregular_series, non_finite=non_finite)
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -140,6 +208,8 @@ def iter_volume_items(
         if item.errors and on_error == "raise":
             row = min(item.errors)
             raise RowError(row, manifest.paths[row], item.errors[row])
+        for notice in item.notices:
+            warnings.warn(notice, stacklevel=2)
         if item.warning and not warned:
             warnings.warn(
                 f"{item.warning} (first seen in {manifest.paths[item.rows[0]] if item.rows else ''})", stacklevel=2

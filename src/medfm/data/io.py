@@ -6,10 +6,7 @@ Geometry follows ITK: ``world_LPS = origin + direction @ diag(spacing) @ index``
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
+from medfm.data.nifti import check_complete
 from medfm.errors import VolumeError
 
 if TYPE_CHECKING:
@@ -70,6 +68,7 @@ class Volume:
     array: np.ndarray
     geometry: Geometry
     path: str
+    note: str | None = None  # what was irregular about it when it was read anyway (a resampled DICOM series)
 
 
 def _check_3d(image: sitk.Image, path: str) -> sitk.Image:
@@ -108,49 +107,85 @@ def series_files(folder: str, series_uid: str | None) -> list[str]:
     return next(iter(series.values()))
 
 
-STACK_TOLERANCE = 1e-3  # of the slice spacing: how far a slice may sit from the evenly spaced stack
+STACK_TOLERANCE = 0.05  # of the slice step: how far a slice may sit from its place in an evenly spaced stack
+IRREGULAR_SERIES = ("refuse", "resample")  # what to do with a series that has gaps or changing slice spacing
 
 
 @dataclass(frozen=True)
 class DicomStack:
-    """A single-frame DICOM series as one evenly spaced stack: its geometry from the headers, files in slice order."""
+    """A single-frame DICOM series as one stack: its evenly spaced grid from the headers, files in slice order.
+
+    ``offsets`` (mm, each file's distance from the first along the slice axis) and ``irregularity`` are set when
+    the files are not evenly spaced and the series is read anyway: the grid then runs at the finest slice step and
+    its slices are interpolated from the files by position.
+    """
 
     folder: str
     files: tuple[str, ...]
     geometry: Geometry
+    offsets: tuple[float, ...] | None = None
+    irregularity: str | None = None
 
 
-def dicom_stack(folder: str | os.PathLike[str], series_uid: str | None = None) -> DicomStack | None:
-    """The series that :func:`read_image` would read, described from its headers alone (pydicom, no pixel data), so
-    that a box of it can be read without decoding every slice; None when the folder does not hold one clearly chosen,
-    evenly spaced, parallel stack of single-frame images (such a series is read whole, with read_image's errors)."""
+_STACK_TAGS = ["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows",
+               "Columns", "NumberOfFrames", "InstanceNumber"]  # fmt: skip
+
+
+def _dicom_header(path: str) -> Dataset | None:
+    """The header tags a stack needs, without pixel data; None when the file is not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    folder = str(folder)
-    tags = ["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-            "NumberOfFrames"]  # fmt: skip
-    series: dict[str, list[tuple[str, Dataset]]] = {}
     try:
-        names = sorted(os.listdir(folder))
-    except OSError:
-        return None
-    for name in names:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-        except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
-            continue  # not DICOM: the series reader ignores it too
-        if "SeriesInstanceUID" in header:
-            series.setdefault(str(header.SeriesInstanceUID or ""), []).append((path, header))
-    if series_uid is None and len(series) == 1:
-        chosen = next(iter(series.values()))
-    elif series_uid is not None and series_uid in series:
-        chosen = series[series_uid]
-    else:
-        return None
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_STACK_TAGS)
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+        return None  # not DICOM: the series reader ignores it too
+
+
+def _mm(value: float) -> str:
+    """Millimetres as a person writes them: 5.0, 2.5, 0.625."""
+    return f"{value:.1f}" if abs(value * 10 - round(value * 10)) < 1e-6 else f"{value:.3f}".rstrip("0")
+
+
+def _pair(a: str, b: str) -> str:
+    """Two slices by name: 'instance 11 and 12', or two file names."""
+    return f"{a} and {b.removeprefix('instance ') if a.startswith('instance ') else b}"
+
+
+def _describe_spacing(steps: np.ndarray, labels: list[str]) -> str:
+    """What is wrong with the spacing of a stack's slices, naming the two slices where it first goes wrong."""
+    rounded = np.round(steps, 2)
+    values, counts = np.unique(rounded, return_counts=True)
+    usual = float(values[np.argmax(counts)])  # the commonest step; ties go to the smaller
+
+    def between(i: int) -> str:
+        return f"between {_pair(labels[i], labels[i + 1])}"
+
+    for i, step in enumerate(steps):
+        k = step / usual
+        if round(k) >= 2 and abs(k - round(k)) < 0.1:
+            missing = round(k) - 1
+            return (f"gap of {_mm(step)} mm {between(i)}, expected {_mm(usual)} mm "
+                    f"({missing} slice{'s' if missing > 1 else ''} missing)")  # fmt: skip
+    first = float(steps[0])
+    for i, step in enumerate(steps):
+        if abs(step - first) > STACK_TOLERANCE * first:
+            rest = steps[i:]
+            if np.all(np.abs(rest - step) <= STACK_TOLERANCE * step):
+                return f"slice spacing changes from {_mm(first)} mm to {_mm(step)} mm {between(i)}"
+            return f"uneven slice spacing: {_mm(step)} mm {between(i)} after {_mm(first)} mm"
+    return "slices are not evenly spaced"
+
+
+def _stack_layout(folder: str, uid: str, chosen: list[tuple[str, Dataset]], irregular: str) -> DicomStack | None:
+    """Check that a series' headers describe one clean stack and lay it out; the one place both readers check.
+
+    None when the headers lack what a stack needs (multi-frame files, missing tags, one file): such a series is read
+    whole by ITK. A slice of another orientation or a duplicated position is always refused; a gap or a change of
+    spacing is refused unless ``irregular='resample'``.
+    """
+    if irregular not in IRREGULAR_SERIES:
+        raise ValueError(f"irregular={irregular!r}; allowed {IRREGULAR_SERIES}")
     if len(chosen) < 2:
         return None
     try:
@@ -159,95 +194,140 @@ def dicom_stack(folder: str | os.PathLike[str], series_uid: str | None = None) -
         spacing_rc = [float(v) for v in chosen[0][1].PixelSpacing]
         frames = {int(h.get("NumberOfFrames") or 1) for _, h in chosen}
         shapes = {(int(h.Rows), int(h.Columns)) for _, h in chosen}
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, IndexError):
         return None  # a header lacks what a stack needs
-    if frames != {1} or len(shapes) != 1 or np.ptp(orientations, axis=0).max() > 1e-4:
+    if frames != {1} or len(shapes) != 1 or orientations.shape[1] != 6 or positions.shape[1] != 3:
         return None
+    name = f"series {uid or EMPTY_UID}"
+    labels = [
+        f"instance {h.InstanceNumber}" if h.get("InstanceNumber") not in (None, "") else os.path.basename(p)
+        for p, h in chosen
+    ]
+    keys, counts = np.unique(np.round(orientations, 4), axis=0, return_counts=True)
+    usual = keys[np.argmax(counts)]
+    odd = np.flatnonzero(np.abs(orientations - usual).max(axis=1) > 1e-4)
+    if len(odd):
+        shown = ", ".join(labels[i] for i in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        other = tuple(round(float(v), 4) for v in orientations[odd[0]])
+        raise VolumeError(folder, f"{name}: {len(odd)} of {len(chosen)} slices have another orientation ({shown}: "
+                          f"{other}, the others {tuple(float(v) for v in usual)}); the series is not one stack")  # fmt: skip
     row, col = orientations[0, :3], orientations[0, 3:]
     order = np.argsort(positions @ np.cross(row, col), kind="stable")  # slice order along the normal, as GDCM sorts
-    positions = positions[order]
+    positions, labels = positions[order], [labels[k] for k in order]
+    files = tuple(chosen[k][0] for k in order)
+    steps = np.diff(positions @ np.cross(row, col))
+    usual_step = float(np.median(steps))
+    same = np.flatnonzero(steps <= STACK_TOLERANCE * max(usual_step, 1e-6))
+    if len(same):
+        i = int(same[0])
+        at = tuple(round(float(v), 3) for v in positions[i])
+        raise VolumeError(folder, f"{name}: {_pair(labels[i], labels[i + 1])} lie at the same position {at} mm "
+                          f"(a duplicated slice; {len(same)} such pair{'s' if len(same) > 1 else ''}); "
+                          "keep one of them")  # fmt: skip
     step = (positions[-1] - positions[0]) / (len(chosen) - 1)
     dz = float(np.linalg.norm(step))
     expected = positions[0] + np.outer(np.arange(len(chosen)), step)
-    if dz <= 0 or np.abs(positions - expected).max() > STACK_TOLERANCE * dz:
-        return None
     ((rows, columns),) = shapes
-    direction = np.column_stack([row, col, step / dz])  # ITK: the slice axis runs from the first file to the last
-    geometry = Geometry(
-        size=(columns, rows, len(chosen)),
-        spacing=(spacing_rc[1], spacing_rc[0], dz),
-        origin=tuple(float(v) for v in positions[0]),
-        direction=tuple(direction.ravel().tolist()),
-    )
-    return DicomStack(folder, tuple(chosen[k][0] for k in order), geometry)
+    if np.abs(positions - expected).max() <= STACK_TOLERANCE * dz:
+        direction = np.column_stack([row, col, step / dz])  # ITK: the slice axis runs from the first file to the last
+        geometry = Geometry((columns, rows, len(chosen)), (spacing_rc[1], spacing_rc[0], dz),
+                            tuple(float(v) for v in positions[0]), tuple(direction.ravel().tolist()))  # fmt: skip
+        return DicomStack(folder, files, geometry)
+    problem = _describe_spacing(steps, labels) if len(steps) > 1 else "slices are not evenly spaced"
+    if irregular == "refuse":
+        raise VolumeError(folder, f"{name}: {problem}; to read it anyway, interpolating slices by their position, "
+                          "use --irregular-series resample (irregular_series='resample')")  # fmt: skip
+    axis = (positions[-1] - positions[0]) / np.linalg.norm(positions[-1] - positions[0])
+    offsets = (positions - positions[0]) @ axis
+    off_line = np.linalg.norm(positions - positions[0] - np.outer(offsets, axis), axis=1).max()
+    if off_line > STACK_TOLERANCE * float(steps.min()):
+        raise VolumeError(folder, f"{name}: {problem}, and the slices do not lie on one line "
+                          f"(up to {_mm(off_line)} mm off it); the series cannot be resampled")  # fmt: skip
+    extent = float(offsets[-1])
+    count = int(round(extent / float(np.min(np.diff(offsets))))) + 1
+    direction = np.column_stack([row, col, axis])
+    geometry = Geometry((columns, rows, count), (spacing_rc[1], spacing_rc[0], extent / (count - 1)),
+                        tuple(float(v) for v in positions[0]), tuple(direction.ravel().tolist()))  # fmt: skip
+    return DicomStack(folder, files, geometry, tuple(float(v) for v in offsets), f"{name}: {problem}")
+
+
+def dicom_stack(
+    folder: str | os.PathLike[str], series_uid: str | None = None, irregular: str = "refuse"
+) -> DicomStack | None:
+    """The series that :func:`read_image` would read, described from its headers alone (pydicom, no pixel data), so
+    that a box of it can be read without decoding every slice.
+
+    Raises :class:`VolumeError` for a series that is not one clean stack (see :func:`_stack_layout`); None when the
+    folder does not hold one clearly chosen series of single-frame images (it is read whole, with read_image's
+    errors).
+    """
+    folder = str(folder)
+    series: dict[str, list[tuple[str, Dataset]]] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join(folder, name)
+        header = _dicom_header(path) if os.path.isfile(path) else None
+        if header is not None and "SeriesInstanceUID" in header:
+            series.setdefault(str(header.SeriesInstanceUID or ""), []).append((path, header))
+    if series_uid is None and len(series) == 1:
+        uid, chosen = next(iter(series.items()))
+    elif series_uid is not None and series_uid in series:
+        uid, chosen = series_uid, series[series_uid]
+    else:
+        return None
+    return _stack_layout(folder, uid, chosen, irregular)
+
+
+def _interpolate_slices(array: np.ndarray, offsets: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Slices at ``targets`` (mm along the slice axis), linear between the two files that enclose each by position."""
+    j = np.clip(np.searchsorted(offsets, targets, side="right") - 1, 0, len(offsets) - 2)
+    w = np.clip((targets - offsets[j]) / (offsets[j + 1] - offsets[j]), 0.0, 1.0)[:, None, None]
+    return ((1.0 - w) * array[j] + w * array[j + 1]).astype(np.float32)
 
 
 def read_stack_region(stack: DicomStack, start_xyz: tuple[int, int, int], size_xyz: tuple[int, int, int]) -> Volume:
     """Read only a box of a DICOM stack: the slices it spans are decoded, the rest are not opened."""
     (x0, y0, z0), (sx, sy, sz) = (tuple(int(v) for v in start_xyz), tuple(int(v) for v in size_xyz))
-    n = len(stack.files)
+    n = stack.geometry.size[2]
     if sz < 1 or z0 < 0 or z0 + sz > n:
         raise VolumeError(stack.folder, f"slices {z0}…{z0 + sz - 1} asked of a {n}-slice series")
-    first = min(z0, n - 2)  # ITK reads a series of at least two slices as a volume
+    if stack.offsets is None:
+        first, stop = min(z0, n - 2), None  # ITK reads a series of at least two slices as a volume
+        stop = max(z0 + sz, first + 2)
+    else:  # the files that enclose the grid's slices z0…z0+sz-1 by position
+        offsets = np.asarray(stack.offsets)
+        targets = (z0 + np.arange(sz)) * stack.geometry.spacing[2]
+        first = int(np.clip(np.searchsorted(offsets, targets[0], side="right") - 1, 0, len(offsets) - 2))
+        stop = int(np.clip(np.searchsorted(offsets, targets[-1], side="left") + 1, first + 2, len(offsets)))
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(stack.files[first : max(z0 + sz, first + 2)]))
+    reader.SetFileNames(list(stack.files[first:stop]))
     try:
         image = reader.Execute()
     except RuntimeError as err:
         raise _unreadable(stack.folder, err) from None
-    array = sitk.GetArrayFromImage(_check_3d(image, stack.folder))
-    array = array[z0 - first : z0 - first + sz, y0 : y0 + sy, x0 : x0 + sx]
+    array = sitk.GetArrayFromImage(_check_3d(image, stack.folder))[:, y0 : y0 + sy, x0 : x0 + sx]
+    if stack.offsets is None:
+        array = array[z0 - first : z0 - first + sz]
+    else:
+        array = _interpolate_slices(array, offsets[first:stop], targets)
     full = stack.geometry
     origin = full.index_to_world(np.asarray([x0, y0, z0], dtype=float))
     geometry = Geometry((sx, sy, sz), full.spacing, tuple(float(v) for v in origin), full.direction)
-    return Volume(array=np.ascontiguousarray(array), geometry=geometry, path=stack.folder)
+    return Volume(np.ascontiguousarray(array), geometry, stack.folder, stack.irregularity)
 
 
-def _is_gzip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
-def _nifti_expected_bytes(path: str) -> int | None:
-    """Bytes a single-file NIfTI-1/2 must hold (header, extensions, voxels), from its header; None if unknown."""
-    with (gzip.open if _is_gzip(path) else open)(path, "rb") as f:
-        hdr = f.read(540)
-    for e in "<>":
-        if len(hdr) >= 348 and struct.unpack(e + "i", hdr[:4])[0] == 348 and hdr[344:347] == b"n+1":
-            dims, bitpix = struct.unpack(e + "8h", hdr[40:56]), struct.unpack(e + "h", hdr[72:74])[0]
-            offset = int(struct.unpack(e + "f", hdr[108:112])[0])
-        elif len(hdr) >= 540 and struct.unpack(e + "i", hdr[:4])[0] == 540 and hdr[4:7] == b"n+2":
-            dims, bitpix = struct.unpack(e + "8q", hdr[16:80]), struct.unpack(e + "h", hdr[14:16])[0]
-            offset = struct.unpack(e + "q", hdr[168:176])[0]
-        else:
-            continue
-        if not 1 <= dims[0] <= 7 or bitpix <= 0:
-            return None
-        return offset + int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
-    return None
-
-
-def _check_nifti_complete(path: str) -> None:
-    """Raise when a NIfTI file holds fewer voxel bytes than its header says (ITK fills the rest with 0)."""
-    try:
-        expected = _nifti_expected_bytes(path)
-        if expected is None:
-            return
-        if not _is_gzip(path):  # by content: ITK reads a plain NIfTI named .nii.gz too
-            have = os.path.getsize(path)
-        else:
-            with open(path, "rb") as f:  # fast path: the gzip trailer holds the size mod 2**32
-                f.seek(-4, os.SEEK_END)
-                if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
-                    return
-            have = 0
-            with gzip.open(path, "rb") as f:
-                while have < expected and (chunk := f.read(1 << 22)):
-                    have += len(chunk)
-    except (EOFError, OSError, zlib.error):
-        raise VolumeError(path, "file is truncated or corrupt (the compressed data ends early)") from None
-    if have < expected:
-        raise VolumeError(path, f"file is truncated: {have} of {expected} bytes of header and voxel data")
+def _check_header(reader: sitk.ImageFileReader, path: str) -> None:
+    """Refuse from the header alone what ITK cannot read as one scalar 3D volume (a region read of a vector NIfTI
+    crashes the process), before any voxel is read."""
+    dim, size = reader.GetDimension(), reader.GetSize()
+    if dim not in (3, 4) or (dim == 4 and size[3] != 1):
+        raise VolumeError(path, f"expected a 3D volume, got {dim}D of size {size}")
+    if reader.GetNumberOfComponents() != 1:
+        raise VolumeError(path, f"expected one value per voxel, got {reader.GetNumberOfComponents()} "
+                          "(a vector or RGB image); give a scalar volume")  # fmt: skip
 
 
 def _unreadable(path: str, err: RuntimeError) -> VolumeError:
@@ -257,28 +337,55 @@ def _unreadable(path: str, err: RuntimeError) -> VolumeError:
     return VolumeError(path, f"cannot be read ({detail.strip()[:200]})")
 
 
-def read_image(path: str | os.PathLike[str], series_uid: str | None = None) -> sitk.Image:
-    """Read a volume file or a DICOM series folder as a SimpleITK image (geometry kept exactly)."""
+def read_image(path: str | os.PathLike[str], series_uid: str | None = None, irregular: str = "refuse") -> sitk.Image:
+    """Read a volume file or a DICOM series folder as a SimpleITK image (geometry kept exactly).
+
+    A series is checked to be one clean stack first (see :func:`dicom_stack`); ``irregular='resample'`` reads a
+    series with gaps or changing spacing onto an evenly spaced grid, interpolating by slice position.
+    """
     path = str(path)
     if not os.path.exists(path):
         raise VolumeError(path, "file not found")
     try:
         if os.path.isdir(path):
+            files = series_files(path, series_uid)
+            headers = [(f, h) for f in files if (h := _dicom_header(f)) is not None]
+            uid = (
+                series_uid
+                if series_uid is not None
+                else str(headers[0][1].get("SeriesInstanceUID", ""))
+                if headers
+                else ""
+            )
+            stack = _stack_layout(path, uid, headers, irregular) if len(headers) == len(files) else None
+            if stack is not None:
+                volume = read_stack_region(stack, (0, 0, 0), stack.geometry.size)
+                image = sitk.GetImageFromArray(volume.array)
+                image.SetSpacing(volume.geometry.spacing)
+                image.SetOrigin(volume.geometry.origin)
+                image.SetDirection(volume.geometry.direction)
+                return image
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(series_files(path, series_uid))
+            reader.SetFileNames(files)
             image = reader.Execute()
         else:
             if path.lower().endswith((".nii", ".nii.gz")):
-                _check_nifti_complete(path)
-            image = sitk.ReadImage(path)
+                check_complete(path)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+            _check_header(reader, path)
+            image = reader.Execute()
     except RuntimeError as err:
         raise _unreadable(path, err) from None
     return _check_3d(image, path)
 
 
-def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
-    """Read a volume with its voxels as a (Z, Y, X) array in the file's own data type."""
-    image = read_image(path, series_uid)
+def read_volume(path: str | os.PathLike[str], series_uid: str | None = None, irregular: str = "refuse") -> Volume:
+    """Read a volume with its voxels as a (Z, Y, X) array in the file's own data type (float32 when resampled)."""
+    if os.path.isdir(path) and (stack := dicom_stack(path, series_uid, irregular)) is not None:
+        return read_stack_region(stack, (0, 0, 0), stack.geometry.size)
+    image = read_image(path, series_uid, irregular)
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.number):
         raise VolumeError(str(path), f"unsupported voxel type {array.dtype}")
@@ -300,8 +407,9 @@ def read_region(
     reader.SetFileName(path)
     try:
         if path.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(path)
+            check_complete(path)
         reader.ReadImageInformation()
+        _check_header(reader, path)
         extra = reader.GetDimension() - 3
         reader.SetExtractIndex([int(v) for v in start_xyz] + [0] * extra)
         reader.SetExtractSize([int(v) for v in size_xyz] + [1] * extra)
@@ -312,20 +420,21 @@ def read_region(
     return Volume(array=sitk.GetArrayFromImage(image), geometry=Geometry.of_image(image), path=path)
 
 
-def read_geometry(path: str | os.PathLike[str], series_uid: str | None = None) -> Geometry:
-    """Read only the geometry of a volume (the header for files; the series for DICOM folders)."""
+def read_geometry(path: str | os.PathLike[str], series_uid: str | None = None, irregular: str = "refuse") -> Geometry:
+    """Read only the geometry of a volume (the header for files; the headers, else the series, for DICOM folders)."""
     path = str(path)
+    if os.path.isdir(path) and (stack := dicom_stack(path, series_uid, irregular)) is not None:
+        return stack.geometry
     if os.path.isdir(path) or not os.path.exists(path):
-        return Geometry.of_image(read_image(path, series_uid))
+        return Geometry.of_image(read_image(path, series_uid, irregular))
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
         reader.ReadImageInformation()
     except RuntimeError:
         raise VolumeError(path, "header cannot be read") from None
+    _check_header(reader, path)
     dim = reader.GetDimension()
-    if dim not in (3, 4) or (dim == 4 and reader.GetSize()[3] != 1):
-        raise VolumeError(path, f"expected a 3D volume, got {dim}D of size {reader.GetSize()}")
     direction = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
     return Geometry(
         size=tuple(int(s) for s in reader.GetSize()[:3]),

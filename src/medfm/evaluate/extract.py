@@ -198,6 +198,8 @@ def extract_features(
     in_channels: int | None = None,
     devices: int = 1,
     num_nodes: int = 1,
+    irregular_series: str = "refuse",
+    non_finite: str = "refuse",
 ) -> ExtractResult:
     """Extract features of every row; ``weights`` is ``'published'`` or a path, or ``random_init=True``.
 
@@ -207,6 +209,8 @@ def extract_features(
     ``in_channels`` its first convolution (e.g. 1, with the weights' channels summed in).
     ``devices``/``num_nodes`` above one run one process per device (Lightning Fabric, DDP); every process
     returns the same result, rank 0 writes the files.
+    ``irregular_series='resample'`` and ``non_finite='pad'`` read what would otherwise be row errors (see
+    :func:`~medfm.data.datasets.iter_volume_items`); the rows so read are listed in the sidecar's ``flagged_rows``.
     """
     out = Path(out)
     workers = start_workers(devices, num_nodes, device)
@@ -244,6 +248,7 @@ def extract_features(
     part_name = "part-{n:05d}.npz" if workers.world == 1 else f"part-r{workers.rank:03d}-{{n:05d}}.npz"
 
     errors: dict[int, str] = {}
+    flags: dict[int, str] = {}
     pending: list[tuple[int, np.ndarray]] = []
     finished_rows: list[int] = []
     finished_feats: list[np.ndarray] = []
@@ -275,8 +280,12 @@ def extract_features(
         total = len(manifest) if workers.world == 1 else len(todo)
         task = bar.add_task(label, total=total, completed=len(done) if workers.world == 1 else 0)
         try:
-            for item in iter_volume_items(manifest, profile, rows=todo, num_workers=num_workers, on_error=on_error):
+            for item in iter_volume_items(
+                manifest, profile, rows=todo, num_workers=num_workers, on_error=on_error,
+                irregular_series=irregular_series, non_finite=non_finite,
+            ):  # fmt: skip
                 errors.update(item.errors)
+                flags.update(item.flags)
                 bar.advance(task, len(item.errors))
                 pending.extend(zip(item.rows, item.patches))
                 while len(pending) >= batch_size:
@@ -335,6 +344,9 @@ def extract_features(
             "n_rows": len(rows),
             "n_errors": len(errors),
             "errors_file": str(errors_file) if errors_file else None,
+            "irregular_series": irregular_series,
+            "non_finite": non_finite,
+            "flagged_rows": {str(row): flags[row] for row in sorted(flags)},  # this run's; a resumed run's are not kept
             "precision": precision,
             "device": str(runner.device),
             "processes": workers.world,
