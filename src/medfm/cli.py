@@ -47,6 +47,15 @@ def _extract(args: argparse.Namespace) -> None:
         raise MedfmError(f"profile {profile.name} does not fit the {entry.dims}D model {entry.name}")
     seeds = not isinstance(profile, Profile2D)
     manifest = read_manifest(args.manifest, coords=args.coords, seeds=seeds)
+    if args.fmcib_layout:  # checked before the run, not after it
+        from medfm.evaluate.features import FMCIB_PREFIXES, fmcib_splits
+
+        if not args.column_prefix.startswith(FMCIB_PREFIXES):
+            raise MedfmError("--fmcib-layout writes FMCIB's pred_<i> columns: add --column-prefix pred_")
+        fmcib_splits(manifest.table, args.split_column)
+        args.out = args.out or str(Path(args.fmcib_layout) / "features.parquet")
+    if not args.out:
+        raise MedfmError("give --out FEATURES.parquet (or --fmcib-layout DIR)")
     result = extract_features(
         manifest,
         args.out,
@@ -75,6 +84,11 @@ def _extract(args: argparse.Namespace) -> None:
     print(f"wrote features of {result.n_rows} rows to {result.features} (provenance: {result.sidecar})")
     if result.errors_file:
         print(f"{len(result.errors)} bad rows in {result.errors_file}")
+    if args.fmcib_layout:
+        from medfm.evaluate.features import write_fmcib_layout
+
+        written = write_fmcib_layout(result.features, args.fmcib_layout, args.split_column)
+        print(f"FMCIB layout: {', '.join(str(p) for p in written)}")
 
 
 def _is_rank_zero() -> bool:
@@ -323,7 +337,11 @@ def _transfer(args: argparse.Namespace) -> None:
 
 
 def _add_table_args(p: argparse.ArgumentParser, label_required: bool = True) -> None:
-    p.add_argument("features", help="feature table (Parquet or CSV) with feat_<i> or pred_<i> columns")
+    p.add_argument(
+        "features",
+        help="feature table (Parquet or CSV) with feat_<i> or pred_<i> columns, or FMCIB's folder of "
+        "train_features.csv, val_features.csv, test_features.csv (the split is the file)",
+    )
     p.add_argument("--label", required=label_required, help="label column")
     p.add_argument("--split-column", default="split", help="column with train/val/test (absent: a held-out test)")
     p.add_argument("--group", help="patient column: no patient on both sides of a split; CIs resample patients")
@@ -411,7 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="weight file (default: the model's published weights from the cache)")
     p.add_argument("--random-init", action="store_true", help="use a randomly initialised trunk (recorded)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    p.add_argument("--out", required=True, help="FEATURES.parquet or FEATURES.csv")
+    p.add_argument("--out", help="FEATURES.parquet or FEATURES.csv (with --fmcib-layout: DIR/features.parquet)")
+    p.add_argument(
+        "--fmcib-layout",
+        metavar="DIR",
+        help="also write FMCIB's run.py layout: DIR/train_features.csv, val_features.csv, test_features.csv "
+        "(rows by --split-column; needs --column-prefix pred_)",
+    )
+    p.add_argument("--split-column", default="split", help="with --fmcib-layout: the column with train/val/test")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--devices", type=int, default=1, help="processes, one per device (DDP through Lightning Fabric)")

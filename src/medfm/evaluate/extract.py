@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -362,3 +363,57 @@ def extract_features(
 
 def _feature_columns(prefix: str, dim: int) -> list[str]:
     return [f"{prefix}{i}" for i in range(dim)]
+
+
+def get_features(
+    manifest: str | os.PathLike[str] | Manifest,
+    model: str | LoadedModel = "fmcib-resnet50",
+    weights: str | os.PathLike[str] | None = PUBLISHED,
+    *,
+    coords: str = "lps",
+    column_prefix: str = "pred_",
+    random_init: bool = False,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "32",
+    num_workers: int | None = None,
+    on_error: str = "raise",
+    profile: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """FMCIB's one call, ``get_features("annotations.csv")``: the manifest's columns + ``pred_0 …`` as a DataFrame.
+
+    The same values as ``medfm extract`` (it runs that extraction into a temporary folder); by default FMCIB's
+    ResNet-50 with its published weights and preprocessing. With ``on_error="skip"`` bad rows are left out and
+    ``DataFrame.attrs["errors"]`` maps their row numbers to the reasons.
+    """
+    import tempfile
+
+    from medfm.data.manifest import read_manifest
+    from medfm.models.registry import get_entry
+
+    if not isinstance(manifest, Manifest):
+        name = model.entry.name if isinstance(model, LoadedModel) else model
+        chosen = get_profile(profile or get_entry(name).profile)
+        manifest = read_manifest(manifest, coords=coords, seeds=not isinstance(chosen, Profile2D))
+    with tempfile.TemporaryDirectory(prefix="medfm-features-") as tmp:
+        result = extract_features(
+            manifest,
+            Path(tmp) / "features.parquet",
+            model=model,
+            weights=weights,
+            random_init=random_init,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            num_workers=num_workers,
+            column_prefix=column_prefix,
+            on_error=on_error,
+            profile=profile,
+            progress=progress,
+        )
+        table = pd.read_parquet(result.features)
+    table.attrs["errors"] = dict(result.errors)
+    return table

@@ -1,17 +1,87 @@
-"""Read feature tables (from ``medfm extract`` or any Parquet/CSV with feature columns)."""
+"""Read feature tables (from ``medfm extract`` or any Parquet/CSV with feature columns), and FMCIB's folder of them.
+
+FMCIB's ``run.py`` layout is a folder with ``train_features.csv``, ``val_features.csv`` and ``test_features.csv``
+whose feature columns are ``pred_<i>`` (or ``feature_<i>``): the split of a row is the file it is in.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medfm.data.manifest import read_table
+from medfm.data.outputs import write_table
+from medfm.data.splits import SPLIT_NAMES
 from medfm.errors import ManifestError
 
-PREFIXES = ("feat_", "pred_")
+PREFIXES = ("feat_", "pred_", "feature_")
+# FMCIB's run.py layout: one CSV per split, in this order
+FMCIB_FILES = {"train": "train_features.csv", "val": "val_features.csv", "test": "test_features.csv"}
+FMCIB_PREFIXES = ("pred_", "feature_")
+
+
+def read_fmcib_layout(folder: str | os.PathLike[str], split_column: str = "split") -> pd.DataFrame:
+    """FMCIB's folder of split CSVs as one table (train, val, test rows in turn); ``split_column`` says the file."""
+    folder = Path(folder)
+    for name in (FMCIB_FILES["train"], FMCIB_FILES["test"]):  # val_features.csv may be absent
+        if not (folder / name).is_file():
+            raise ManifestError(
+                f"{folder}: FMCIB's layout needs {name} (found {sorted(p.name for p in folder.glob('*.csv'))})"
+            )
+    parts = []
+    for split, name in FMCIB_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        table = read_table(path)
+        if split_column in table.columns:  # a split column of its own must agree with the file
+            names = table[split_column].astype(str).str.strip().str.lower().map(SPLIT_NAMES)
+            wrong = np.flatnonzero((names != split).to_numpy())
+            if len(wrong):
+                raise ManifestError(
+                    f"{path} row {wrong[0]}: column {split_column} says {table[split_column].iloc[wrong[0]]!r}, "
+                    f"the file says {split}"
+                )
+        table[split_column] = split
+        parts.append(table)
+    columns = [list(p.columns) for p in parts]
+    if any(c != columns[0] for c in columns):
+        raise ManifestError(f"{folder}: the split files have different columns")
+    return pd.concat(parts, ignore_index=True)
+
+
+def fmcib_splits(table: pd.DataFrame, split_column: str = "split") -> pd.Series:
+    """Each row's split (train, val or test) for FMCIB's layout; a missing column or another value is refused."""
+    if split_column not in table.columns:
+        raise ManifestError(
+            f"column {split_column!r} not found: FMCIB's layout needs each row's split (train/val/test)"
+        )
+    names = table[split_column].astype(str).str.strip().str.lower().map(SPLIT_NAMES)
+    if names.isna().any():
+        bad = int(np.flatnonzero(names.isna().to_numpy())[0])
+        raise ManifestError(
+            f"row {bad}: column {split_column} has value {table[split_column].iloc[bad]!r}; allowed train, val, test"
+        )
+    return names
+
+
+def write_fmcib_layout(
+    table: str | os.PathLike[str] | pd.DataFrame, folder: str | os.PathLike[str], split_column: str = "split"
+) -> list[Path]:
+    """Write a feature table as FMCIB's folder: one CSV per split in ``split_column`` (all three, even if empty)."""
+    table = table if isinstance(table, pd.DataFrame) else read_table(table)
+    names = fmcib_splits(table, split_column)
+    if not any(str(c).startswith(FMCIB_PREFIXES) for c in table.columns):
+        raise ManifestError(
+            f"FMCIB's layout has feature columns named {' or '.join(FMCIB_PREFIXES)}<i>; extract with --column-prefix pred_"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write_table(table[(names == split).to_numpy()], folder / name) for split, name in FMCIB_FILES.items()]
 
 
 def feature_columns(table: pd.DataFrame, prefix: str | None = None) -> list[str]:
@@ -25,10 +95,15 @@ def feature_columns(table: pd.DataFrame, prefix: str | None = None) -> list[str]
 
 
 def read_features(
-    path: str | os.PathLike[str] | pd.DataFrame, prefix: str | None = None
+    path: str | os.PathLike[str] | pd.DataFrame, prefix: str | None = None, split_column: str | None = "split"
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-    """A feature table, its features as a float64 (n, d) array and the feature column names."""
-    table = path if isinstance(path, pd.DataFrame) else read_table(path)
+    """A feature table (or FMCIB's folder of them), its features as a float64 (n, d) array and the column names."""
+    if isinstance(path, pd.DataFrame):
+        table = path
+    elif os.path.isdir(path):
+        table = read_fmcib_layout(path, split_column or "split")
+    else:
+        table = read_table(path)
     columns = feature_columns(table, prefix)
     features = table[columns].to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
@@ -50,10 +125,14 @@ class Labelled:
 
 
 def read_labelled(
-    features: str | os.PathLike[str] | pd.DataFrame, label: str, group: str | None = None, prefix: str | None = None
+    features: str | os.PathLike[str] | pd.DataFrame,
+    label: str,
+    group: str | None = None,
+    prefix: str | None = None,
+    split_column: str | None = "split",
 ) -> Labelled:
     """The rows of a feature table that have a label (others are left out), ready for a probe."""
-    table, x, columns = read_features(features, prefix)
+    table, x, columns = read_features(features, prefix, split_column)
     for column in (label, group):
         if column and column not in table.columns:
             raise ManifestError(f"column {column!r} not found; columns are {list(table.columns)[:20]}")

@@ -58,7 +58,9 @@ def run_probe(
     fraction_seed: int = 0,
 ) -> ProbeResult:
     """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test."""
-    data = read_labelled(features, label, group, feature_prefix)
+    data = read_labelled(features, label, group, feature_prefix, split_column)
+    if not isinstance(features, pd.DataFrame) and os.path.isdir(features):
+        split_column = split_column or "split"  # FMCIB's layout: the split is the file a row came from
     table, x, y, groups, columns = data.table, data.x, data.y, data.groups, data.columns
     splits = make_splits(table, y, split_column, cv, groups, test_size, seed, train_fraction, fraction_seed)
     dev = splits.development
@@ -262,7 +264,8 @@ def run_fractions(
     """
     out = Path(out_dir)
     records = []
-    table = features if isinstance(features, pd.DataFrame) else read_features(features)[0]
+    split_column = probe_args.get("split_column", "split")
+    table = features if isinstance(features, pd.DataFrame) else read_features(features, None, split_column)[0]
     for fraction in fractions:
         for repeat in range(1 if fraction == 1 else repeats):
             result = run_probe(

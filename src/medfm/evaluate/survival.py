@@ -98,7 +98,7 @@ def run_survival(
     feature_prefix: str | None = None,
 ) -> dict[str, object]:
     """Search the Cox penalty on validation C-index, refit on train+val, report test C-index (and AUC at T) with CIs."""
-    data = read_labelled(features, event_column, group, feature_prefix)  # rows without an event value left out
+    data = read_labelled(features, event_column, group, feature_prefix, split_column)  # rows without an event: out
     if time_column not in data.table.columns:
         raise ManifestError(f"column {time_column!r} not found; columns are {list(data.table.columns)[:20]}")
     timed = data.table[time_column].notna().to_numpy()
