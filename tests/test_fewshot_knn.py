@@ -14,13 +14,18 @@ from medfm.evaluate.metrics import score
 
 
 def _clusters(
-    n_per_class: int = 30, k: int = 3, d: int = 16, spread: float = 0.1, seed: int = 0
+    n_per_class: int = 30, k: int = 3, d: int = 16, spread: float = 0.1, seed: int = 0, lengths: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Classes pointing in orthogonal directions (cosine-separable), each row with a random length."""
+    """Classes pointing in orthogonal directions (cosine-separable), each row with a random length unless told.
+
+    Without random lengths and with few features the classes are also separable after standardising on a tiny
+    support set, as the logistic head does (with many pure-noise features standardising 2 shots amplifies noise).
+    """
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(k), n_per_class)
     x = np.eye(k, d)[y] + spread * rng.normal(size=(len(y), d))
-    x *= rng.uniform(0.5, 5.0, size=(len(y), 1))
+    if lengths:
+        x *= rng.uniform(0.5, 5.0, size=(len(y), 1))
     return x, y
 
 
@@ -48,12 +53,12 @@ def _table(x: np.ndarray, y: np.ndarray, seed: int = 0) -> pd.DataFrame:
 # -- few-shot ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("head", ["prototype", "logistic"])
 def test_separated_clusters_give_accuracy_one(head):
-    x, y = _clusters()
+    x, y = _clusters() if head == "prototype" else _clusters(d=3, lengths=False)
     summary = FewShot(ways=3, shots=2, episodes=20, head=head, seed=0).evaluate(*_split(x, y))
     assert summary.mean == 1.0
     assert summary.ci95 == 0.0
     assert (summary.head, summary.ways, summary.shots, summary.episodes) == (head, 3, 2, 20)
-    assert str(summary) == f"3-way 2-shot {head}: 1.000 ± 0.000 (20 episodes)"
+    assert str(summary).startswith(f"3-way 2-shot {head}: 1.000 ± 0.000 (n = 20 episodes")
     assert summary.to_dict()["mean"] == 1.0
 
 
@@ -69,44 +74,130 @@ def test_fewshot_is_seeded():
     assert a.ci95 > 0
 
 
-def test_fewshot_episodes_and_ci_by_hand(monkeypatch):
+def test_fewshot_episodes_and_ci_by_hand():
     x, y = _clusters(spread=0.6, seed=2)
     x_train, y_train, x_test, y_test = _split(x, y, seed=2)
-    unit_train = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
-    seen = []
-    original = FewShot._episode
-
-    def recording(self, xs, ys, xq, yq, classes):  # noqa: ANN202
-        accuracy = original(self, xs, ys, xq, yq, classes)
-        seen.append((xs, ys, xq, yq, classes, accuracy))
-        return accuracy
-
-    monkeypatch.setattr(FewShot, "_episode", recording)
-    summary = FewShot(ways=2, shots=3, episodes=30, head="prototype", queries=4, seed=0).evaluate(
-        x_train, y_train, x_test, y_test
-    )
-    assert len(seen) == 30
+    fewshot = FewShot(ways=2, shots=3, episodes=30, head="prototype", queries=4, seed=0)
+    summary = fewshot.evaluate(x_train, y_train, x_test, y_test)
+    episodes = fewshot.draw(y_train, y_test)
+    assert len(episodes) == 30
     accuracies = []
-    for xs, ys, xq, yq, classes, accuracy in seen:
-        assert len(set(classes)) == 2
+    for classes, support, query in episodes:
+        xs, ys, xq, yq = x_train[support], y_train[support], x_test[query], y_test[query]
+        assert len(set(classes)) == 2 and len(set(support)) == len(support)
         assert sorted(np.unique(ys)) == sorted(classes)
         assert all(np.sum(ys == c) == 3 for c in classes)
         assert all(np.sum(yq == c) == 4 for c in classes)  # queries per class
-        # support rows are distinct, L2-normalised train rows
-        np.testing.assert_allclose(np.linalg.norm(xs, axis=1), 1.0)
-        assert len({tuple(np.round(r, 12)) for r in xs}) == len(xs)
-        assert all(np.isclose(unit_train, r).all(axis=1).any() for r in xs)
-        # prototype head by hand: nearest (cosine) normalised class mean
-        prototypes = np.stack([xs[ys == c].mean(axis=0) for c in classes])
+        # prototype head by hand: nearest (cosine) normalised class mean of L2-normalised rows
+        unit = xs / np.linalg.norm(xs, axis=1, keepdims=True)
+        prototypes = np.stack([unit[ys == c].mean(axis=0) for c in classes])
         prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
         predicted = classes[np.argmax(xq @ prototypes.T, axis=1)]
-        assert np.mean(predicted == yq) == accuracy
-        accuracies.append(accuracy)
+        accuracies.append(np.mean(predicted == yq))
     accuracies = np.array(accuracies)
+    np.testing.assert_array_equal(fewshot.accuracies_, accuracies)
     assert accuracies.std() > 0
     assert summary.mean == pytest.approx(accuracies.mean(), abs=1e-15)
     expected_ci = 1.96 * np.sqrt(np.sum((accuracies - accuracies.mean()) ** 2) / 29) / np.sqrt(30)
     assert summary.ci95 == pytest.approx(expected_ci, rel=1e-12)
+
+
+def _anisotropic(n_per_class: int = 40, d: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes told apart by one low-variance feature; the other features are loud noise. The nearest class
+    mean (cosine or not) drowns in the noise; a standardised logistic regression finds the feature."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n_per_class)
+    x = rng.normal(scale=10.0, size=(len(y), d)) + 30.0
+    x[:, 0] = y + rng.normal(scale=0.15, size=len(y))
+    return x, y
+
+
+def _sklearn_logistic(xs, ys, xq, c):  # noqa: ANN001, ANN202
+    """The reference: scikit-learn's StandardScaler + LogisticRegression, fit on the support set."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, tol=1e-8))
+    return model.fit(xs, ys).predict(xq)
+
+
+def test_logistic_head_is_a_standardised_logistic_regression_with_given_c():
+    x, y = _anisotropic(d=60, seed=1)  # 20 support rows, 60 features: fitted in the rows' span
+    data = _split(x, y, seed=1)
+    for c in (0.01, 1.0):
+        fewshot = FewShot(ways=2, shots=10, episodes=15, head="logistic", seed=3, c=c)
+        summary = fewshot.evaluate(*data)
+        expected = [
+            np.mean(_sklearn_logistic(data[0][s], data[1][s], data[2][q], c) == data[3][q])
+            for _, s, q in fewshot.draw(data[1], data[3])
+        ]
+        np.testing.assert_array_equal(fewshot.accuracies_, expected)
+        assert summary.c == f"{c:g} (given)"
+
+
+def test_logistic_head_chooses_c_by_cv_inside_the_support_set():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from medfm.evaluate.fewshot import C_GRID
+
+    x, y = _anisotropic(d=12, seed=2)
+    x_train, y_train, x_test, y_test = _split(x, y, seed=2)
+    fewshot = FewShot(ways=2, shots=5, episodes=12, head="logistic", seed=4)
+    summary = fewshot.evaluate(x_train, y_train, x_test, y_test)
+    assert summary.c == "by 5-fold CV in the support set"
+    expected, chosen = [], set()
+    for _, s, q in fewshot.draw(y_train, y_test):
+        search = GridSearchCV(
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, tol=1e-8)),
+            {"logisticregression__C": list(C_GRID)},
+            cv=StratifiedKFold(n_splits=5),
+            scoring="accuracy",
+        ).fit(x_train[s], y_train[s])
+        chosen.add(search.best_params_["logisticregression__C"])
+        expected.append(np.mean(search.predict(x_test[q]) == y_test[q]))
+    np.testing.assert_array_equal(fewshot.accuracies_, expected)
+    assert len(chosen) > 1  # C is chosen per episode, not fixed
+
+
+def test_the_two_heads_differ_where_they_should():
+    x, y = _anisotropic(d=10, seed=3)
+    data = _split(x, y, seed=3)
+    prototype = FewShot(ways=2, shots=10, episodes=30, head="prototype", seed=0).evaluate(*data)
+    logistic = FewShot(ways=2, shots=10, episodes=30, head="logistic", seed=0).evaluate(*data)
+    assert prototype.mean < 0.6  # about chance: the class means differ mostly by noise
+    assert logistic.mean > 0.9
+
+
+def test_shots_curve_is_written(tmp_path, capsys):
+    import json
+
+    from medfm.cli import main
+
+    x, y = _anisotropic(d=10, seed=4)
+    table = _table(x, y, seed=4)
+    summaries = run_fewshot(table, "label", shots=[1, 2, 5], episodes=8, out=tmp_path / "fs")
+    assert [(s.shots, s.head) for s in summaries] == [(k, h) for k in (1, 2, 5) for h in ("prototype", "logistic")]
+    rows = pd.read_csv(tmp_path / "fs" / "fewshot.csv")
+    assert rows[["shots", "head"]].values.tolist() == [[s.shots, s.head] for s in summaries]
+    np.testing.assert_allclose(rows["mean"], [s.mean for s in summaries])
+    logistic = rows[rows["head"] == "logistic"]
+    assert logistic["c"].tolist() == ["1 (1 shot: too few to cross-validate)"] + [
+        f"by {k}-fold CV in the support set" for k in (2, 5)
+    ]
+    assert logistic["mean"].iloc[-1] > rows[rows["head"] == "prototype"]["mean"].iloc[-1] + 0.2
+    report = json.loads((tmp_path / "fs" / "fewshot.json").read_text())
+    assert report["n_query_pool"] == int((table["split"] == "test").sum())
+    assert len(report["results"]) == 6
+    assert (tmp_path / "fs" / "fewshot.png").stat().st_size > 1000
+    path = tmp_path / "table.csv"
+    table.to_csv(path, index=False)
+    assert main(["fewshot", str(path), "--label", "label", "--shots", "2", "5", "--episodes", "4", "--C", "0.5"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and printed[3].startswith("2-way 5-shot logistic:") and "C 0.5 (given)" in printed[3]
 
 
 def test_fewshot_one_episode_has_zero_ci():
@@ -141,7 +232,7 @@ def test_fewshot_invalid_arguments(kwargs):
 
 
 def test_run_fewshot_on_a_table():
-    x, y = _clusters(k=4, seed=5)
+    x, y = _clusters(k=4, d=4, seed=5, lengths=False)
     summaries = run_fewshot(_table(x, y, seed=5), "label", ways=4, shots=3, episodes=10)
     assert [s.head for s in summaries] == ["prototype", "logistic"]
     assert [s.mean for s in summaries] == [1.0, 1.0]

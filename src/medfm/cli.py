@@ -286,8 +286,12 @@ def _fewshot(args: argparse.Namespace) -> None:
         episodes=args.episodes,
         **_split_args(args),
         seed=args.seed,
+        c=args.C,
+        out=args.out,
     ):
         print(summary)
+    if args.out:
+        print(f"shots curve in {args.out}/fewshot.json, fewshot.csv and fewshot.png")
 
 
 def _knn(args: argparse.Namespace) -> None:
@@ -511,9 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fewshot", help="N-way K-shot episodes: prototype and logistic heads")
     _add_table_args(p)
-    p.add_argument("--ways", type=int, default=2)
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--ways", type=int, default=2, help="classes per episode")
+    p.add_argument(
+        "--shots", type=int, nargs="+", default=[5], help="support examples per class; several give a shots curve"
+    )
+    p.add_argument("--episodes", type=int, default=600, help="episodes per shot count (the CI is over episodes)")
+    p.add_argument(
+        "--C",
+        type=float,
+        help="inverse L2 strength of the logistic head (default: chosen by CV inside each support set)",
+    )
+    p.add_argument("--out", help="folder for fewshot.json, fewshot.csv and fewshot.png (the shots curve)")
     p.set_defaults(func=_fewshot)
 
     p = sub.add_parser("knn", help="cosine-weighted k-nearest-neighbour accuracy and AUC")
