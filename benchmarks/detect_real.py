@@ -8,7 +8,7 @@ Trunks: random init, or supervised on PneumoniaMNIST chest X-rays (28², normal 
 and task), pre-trained first with ``medfm.pretrain`` (method ``supervised``) for ``--pretrain-epochs``; each
 fine-tuned unfrozen (``freeze: none``) and, for the CXR trunk, frozen (``freeze: trunk``: FPN, RPN and box head
 train on fixed features; ``--arms`` adds random/trunk), for ``--seeds`` seeds (the seed moves the split, the initialisation of the new layers and the views).
-Printed per arm: test mAP@[.40:.75] (RSNA-pneumonia style) mean ± sd over seeds, seed 0's 95% bootstrap CI over
+Printed per arm: test COCO-style mAP@[.40:.75] (``map_40_75``; not the Kaggle RSNA score) mean ± sd over seeds, seed 0's 95% bootstrap CI over
 images, mAP@0.5 mean ± sd, recall, and the seconds per run. Validation runs once, after the last epoch.
 
 Run: ``.venv/bin/python benchmarks/detect_real.py [--seeds 3 --epochs 8 --size 96 --train-fraction 0.5]``

@@ -745,4 +745,7 @@ def test_test_bootstrap_resamples_whole_patients(monkeypatch):
     assert rows["auroc"]["value"] == patients["auroc"]["value"]  # same point estimate
     # resampling 4 patients draws one class alone more often than 12 rows: fewer usable resamples
     assert patients["auroc"]["n_resamples"] < rows["auroc"]["n_resamples"]
+    # the dropped resamples are counted beside the CI (a note only above 5%: here 1 of 200)
+    assert patients["auroc"]["n_dropped"] == 200 - patients["auroc"]["n_resamples"] == 1
+    assert rows["auroc"]["n_dropped"] == 0 and "dropped_note" not in patients["auroc"]
     assert (patients["auroc"]["low"], patients["auroc"]["high"]) != (rows["auroc"]["low"], rows["auroc"]["high"])

@@ -308,7 +308,8 @@ class FinetuneModule(pl.LightningModule):
             bootstrap_values(resample, len(target), groups, self.hparams.n_bootstrap, seed=0)
         results = {}
         for name, value in point.items():
-            results[name] = percentile_interval(value, np.asarray(samples[name])).to_dict()
+            asked = self.hparams.n_bootstrap  # resamples lacking a class are dropped; above 5% the CI says so
+            results[name] = percentile_interval(value, np.asarray(samples[name]), n_requested=asked).to_dict()
             self.log(f"test/{name}", value)
         results["n"] = {"value": float(len(target)), "patients": None if groups is None else len(set(groups))}
         self.test_results = results
