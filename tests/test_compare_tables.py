@@ -65,3 +65,28 @@ def test_compare_tables_needs_a_label(tmp_path, capsys):
     a, b = _tables(tmp_path)
     assert main(["compare", str(a), str(b)]) == 2
     assert "needs --label" in capsys.readouterr().err
+
+
+def _results(folder, y, p):
+    folder.mkdir()
+    pd.DataFrame({"row": range(len(y)), "y": y, "proba_0": 1 - p, "proba_1": p}).to_csv(
+        folder / "predictions.csv", index=False
+    )
+    summary = {"label": "y", "scoring": "roc_auc", "predictions": "predictions.csv", "grouped_by": None}
+    (folder / "results.json").write_text(json.dumps(summary))
+    return str(folder / "results.json")
+
+
+def test_compare_says_when_resamples_are_dropped(tmp_path, capsys):
+    # one positive among 12 test rows: about a third of the resamples lack it and have no AUC
+    y = np.zeros(12, dtype=int)
+    y[4] = 1
+    a = _results(tmp_path / "a", y, np.linspace(0.1, 0.9, 12))
+    b = _results(tmp_path / "b", y, np.linspace(0.9, 0.1, 12))
+    assert main(["compare", a, b, "--bootstrap", "300", "--out", str(tmp_path / "cmp.json")]) == 0
+    printed = capsys.readouterr().out
+    d = json.loads((tmp_path / "cmp.json").read_text())["difference"]
+    assert d["n_dropped"] + d["n_resamples"] == 300 and d["n_dropped"] > 0.05 * 300
+    note = f"{d['n_dropped']} of 300 resamples ({d['n_dropped'] / 300:.0%}) dropped"
+    assert note in d["dropped_note"] and f"[{d['dropped_note']}]" in printed.splitlines()[0]
+    assert printed.splitlines()[1].startswith("DeLong: ")  # rows not grouped: plain DeLong
