@@ -339,3 +339,19 @@ def test_finite_integer_and_empty_tensors_pass(tmp_path):
     path = tmp_path / "ok.pt"
     torch.save({"w": torch.ones(2), "steps": torch.tensor(3), "empty": torch.zeros(0), "meta": {"epoch": 1}}, path)
     assert set(read_checkpoint(path)) == {"w", "steps", "empty", "meta"}
+
+
+def test_infinities_in_training_state_are_not_damaged_weights(tmp_path):
+    # a Lightning checkpoint: ModelCheckpoint keeps kth_value = inf until it has a best value; the weights are fine
+    checkpoint = {
+        "state_dict": {"w": torch.ones(2)},
+        "callbacks": {"ModelCheckpoint{}": {"kth_value": torch.tensor(float("inf"))}},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}],
+    }
+    path = tmp_path / "last.ckpt"
+    torch.save(checkpoint, path)
+    assert torch.equal(read_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+    checkpoint["state_dict"]["w"] = torch.tensor([1.0, float("nan")])
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=r"tensor 'state_dict\.w' holds 1 of 2 values that are not finite \(NaN\)"):
+        read_checkpoint(path)

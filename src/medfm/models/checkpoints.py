@@ -92,12 +92,19 @@ def _tensors(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]
             yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))
 
 
+# Top-level keys of training checkpoints (Lightning, MoCo, ...) that hold training state, not weights.
+TRAINING_STATE = frozenset({"callbacks", "optimizer_states", "optimizer", "lr_schedulers", "scheduler", "loops"})
+
+
 def check_finite(checkpoint: Mapping[str, object], source: str = "the checkpoint") -> Mapping[str, object]:
     """Return ``checkpoint`` unchanged, or refuse it naming the first tensor that holds a NaN or an infinity.
 
     Weights with a NaN load without a word and give NaN features for every input, so they are refused at load.
+    Training state beside the weights (callbacks, optimisers, schedulers, loops) is not checked: an infinity there
+    is legitimate (ModelCheckpoint keeps ``kth_value = inf`` before its first best value).
     """
-    for key, tensor in _tensors(checkpoint):
+    weights = {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}
+    for key, tensor in _tensors(weights):
         if tensor.is_floating_point() or tensor.is_complex():
             bad = ~torch.isfinite(tensor)
             if bool(bad.any()):
