@@ -611,6 +611,10 @@ def test_fit_writes_results_curves_and_the_model_card(binary_run):
     assert card["head"] == [32, 1] and card["feature_dim"] == 128
     assert card["profile"] == "fmcib" and card["margin"] == 2 and card["eval_view"] == EVAL_VIEW
     assert (binary_run / card["weights"]).is_file()
+    # one checkpoint file is kept; last.ckpt links it instead of being a second copy
+    files = sorted((binary_run / "checkpoints").iterdir())
+    assert [f.name for f in files if not f.is_symlink()] == ["epoch=1-step=4.ckpt"]
+    assert (binary_run / "checkpoints" / "last.ckpt").resolve() == binary_run / "checkpoints" / "epoch=1-step=4.ckpt"
 
 
 def test_predict_matches_the_models_own_test_predictions(binary_run, manifest, cache_dir, tmp_path):

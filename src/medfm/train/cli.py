@@ -119,7 +119,7 @@ def launch(
         trainer_defaults={
             "use_distributed_sampler": False,  # medfm's EpochSampler shards each epoch over the ranks itself
             "callbacks": [
-                ModelCheckpoint(save_last=True, every_n_epochs=1),
+                ModelCheckpoint(save_last="link", every_n_epochs=1),  # last.ckpt links the one kept file
                 LearningRateMonitor(logging_interval="step"),
                 *(callbacks or []),
             ],
