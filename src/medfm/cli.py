@@ -98,6 +98,25 @@ def _is_rank_zero() -> bool:
     return world()[0] == 0
 
 
+def _cache(args: argparse.Namespace) -> None:
+    from medfm.cache import cache_entries, clean_cache, human_size
+    from medfm.models.hub import medfm_home
+
+    if args.action == "list":
+        entries = cache_entries()
+        for e in entries:
+            print(f"{e.kind:<16} {human_size(e.size):>9}  {e.path}")
+        print(f"{len(entries)} entries, {human_size(sum(e.size for e in entries))} in {medfm_home()}")
+        return
+    kinds = [k for k, on in (("store", args.stores), ("unfinished-store", args.stores or args.unfinished),
+                             ("weights", args.weights), ("model", args.models)) if on]  # fmt: skip
+    removed = clean_cache(kinds or ("store", "unfinished-store"), args.older_than, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for e in removed:
+        print(f"{verb} {e.kind} {e.path} ({human_size(e.size)})")
+    print(f"{verb} {len(removed)} entries, {human_size(sum(e.size for e in removed))}")
+
+
 def _weights(args: argparse.Namespace) -> None:
     from medfm.models import hub
     from medfm.models.registry import get_entry, list_models
@@ -461,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="download from this URL instead of the registry's")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_weights)
+
+    p = sub.add_parser("cache", help="list or clean what medfm keeps in $MEDFM_HOME (patch stores, weights, models)")
+    p.add_argument("action", choices=["list", "clean"], help="list every entry with its size, or remove entries")
+    p.add_argument("--stores", action="store_true", help="clean: patch stores (the default; cut again when needed)")
+    p.add_argument("--unfinished", action="store_true", help="clean: only stores whose build was interrupted")
+    p.add_argument("--weights", action="store_true", help="clean: downloaded and exported weight files")
+    p.add_argument("--models", action="store_true", help="clean: cards of exported models (they leave `medfm models`)")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="clean: only entries untouched for DAYS days")
+    p.add_argument("--dry-run", action="store_true", help="clean: say what would be removed, remove nothing")
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser(
         "probe",
