@@ -175,3 +175,33 @@ def test_a_vector_nifti_is_refused_from_its_header_without_crashing(tmp_path):
                 .splitlines()[-1]
                 .endswith(f"row 0 (image_path={tmp_path / 'vector.nii.gz'}): {reason}")
             )
+
+
+def test_the_hounsfield_warning_says_what_it_saw(tmp_path):
+    """A HU scan whose patch is all soft tissue is not called 8-bit: the warning names the region it judged; an
+    8-bit file is named by its voxel type."""
+    import warnings
+
+    from medfm.data.datasets import iter_volume_items
+    from medfm.data.io import Geometry, write_volume
+
+    geometry = Geometry((120, 120, 120), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    hu = np.full((120, 120, 120), -1000, np.int16)
+    hu[:70, :70, :70] = 40  # soft tissue all round the seed, air far from it
+    hu[30, 30, 30] = 60
+    for name, array in (("hu.nii.gz", hu), ("u8.nii.gz", np.clip(hu, 0, 255).astype(np.uint8))):
+        write_volume(array, geometry, tmp_path / name)
+        pd.DataFrame({"image_path": [name], "coordX": [30.0], "coordY": [30.0], "coordZ": [30.0]}).to_csv(tmp_path / "m.csv", index=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (item,) = iter_volume_items(read_manifest(tmp_path / "m.csv"), FMCIB)
+        assert item.rows == [0]
+        messages = [str(w.message) for w in caught if "HU" in str(w.message)]
+        expects = "profile fmcib expects CT in HU (air about -1000)"
+        if name == "hu.nii.gz":
+            assert messages == [
+                f"the {53**3} voxels read around the seeds (not the whole scan) span 40..60, like a windowed 8-bit image "
+                f"rather than Hounsfield units; {expects} (first seen in {tmp_path / name})"
+            ]
+        else:
+            assert messages == [f"voxels are stored as 8-bit (uint8, 40..60), not Hounsfield units; {expects} (first seen in {tmp_path / name})"]

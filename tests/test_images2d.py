@@ -149,3 +149,79 @@ def test_extract_2d_features_from_real_images(need_shared, tmp_path):
     sidecar = json.loads(result.sidecar.read_text())
     assert sidecar["profile"]["name"] == "imagenet-224"
     assert sidecar["weights_sha256"] == hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- damaged inputs
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_voi_lut_function_is_applied_as_the_standard_defines(tmp_path, function):
+    """Checked against pydicom's apply_voi_lut, whose output spans the stored range (here shifted by the rescale)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    pixels = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    path = _dicom(tmp_path / "a.dcm", pixels, slope=2, intercept=-1024, window=(1000, 801))
+    ds = pydicom.dcmread(path)
+    ds.VOILUTFunction = function
+    ds.save_as(path)
+    image = read_image2d(path)
+    low, high = apply_voi_lut(np.array([-2e4, 2e4]), ds)  # pydicom's output range: its y_min, y_max
+    assert (low, high) == (-1024.0, 2 * 4095 - 1024.0)
+    expected = (apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds) - low) / (high - low)
+    np.testing.assert_allclose(image.array, expected, rtol=0, atol=1e-6)
+    assert image.scaling == "window 1000/801" + ("" if function == "LINEAR" else f" {function}")
+    assert 0.1 < image.array[15, 40] < 0.9  # stored 1000 → 976 HU, inside the window
+
+
+def test_a_voi_lut_sequence_maps_one_stored_value_to_one_output_in_every_image(tmp_path):
+    """The LUT's output is scaled by the LUT's own range, not stretched per image."""
+    lut = (100 + 60000 * (np.arange(4096) / 4095.0) ** 0.5).astype(np.uint16)
+    outputs = []
+    for name, high in (("narrow.dcm", 200), ("wide.dcm", 4000)):
+        pixels = np.linspace(0, high, 64 * 64).astype(np.uint16).reshape(64, 64)
+        pixels[0, 0] = 150
+        path = _dicom(tmp_path / name, pixels)
+        ds = pydicom.dcmread(path)
+        item = Dataset()
+        item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: entries, first stored value, bits
+        item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+        ds.VOILUTSequence = [item]
+        ds.save_as(path)
+        image = read_image2d(path)
+        assert image.scaling == "VOI LUT"
+        outputs.append(image.array[0, 0])
+    expected = (float(lut[150]) - lut.min()) / (float(lut.max()) - lut.min())
+    np.testing.assert_allclose(outputs, [expected, expected], rtol=0, atol=1e-6)
+
+
+def test_undecodable_dicom_keeps_the_decoders_advice_and_a_bad_frame_count_names_the_tag(tmp_path):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.encaps import encapsulate
+    from pydicom.tag import Tag
+
+    path = _dicom(tmp_path / "htj2k.dcm", np.zeros((8, 8)))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"  # HTJ2K: needs pylibjpeg-openjpeg
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(40)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    try:
+        _ = pydicom.dcmread(path).pixel_array
+    except Exception as err:  # noqa: BLE001 - pydicom's own words, whatever its plugins say
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    else:
+        pytest.skip("a HTJ2K decoder is installed")
+    assert len(lines) > 1  # the advice is on the lines after the first
+    with pytest.raises(VolumeError) as info:
+        read_image2d(path)
+    assert str(info.value) == f"{path}: DICOM pixel data cannot be decoded ({' '.join(lines)})"
+
+    for value in (b"abc ", b"0 "):
+        path = _dicom(tmp_path / "frames.dcm", np.zeros((8, 8)))
+        ds = pydicom.dcmread(path)
+        ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", len(value), value, 0, False, True)
+        ds.save_as(path)
+        with pytest.raises(VolumeError) as info:
+            read_image2d(path)
+        shown = value.decode().strip()
+        assert str(info.value) == f"{path}: Number of Frames (0028,0008) is {shown!r}, not a count of frames (1 or more)"

@@ -259,3 +259,57 @@ def test_parquet_non_finite_coordinates_are_row_errors(tmp_path, images):
         1: "column coordX has value nan, not a finite number",
         2: "column coordY has value -inf, not a finite number",
     }
+
+
+# ------------------------------------------------------------------------------------------- damaged inputs
+
+
+def test_boolean_and_other_non_numeric_coordinate_columns_are_refused_with_their_dtype(tmp_path, images):
+    rel, _ = images
+    base = {"image_path": [str(rel)] * 2, "coordX": [1.0, 2.0], "coordY": [1.0, 2.0], "coordZ": [1.0, 2.0]}
+    cases = {
+        "bool": ([True, False], "column coordY holds booleans (dtype bool), not coordinates"),
+        "object bool": (pd.Series([True, 1.5], dtype=object), "column coordY holds booleans (dtype object), not coordinates"),
+        "datetime": (pd.to_datetime(["2024-01-01", "2024-01-02"]), "column coordY has dtype {dtype}, not numbers"),
+    }  # fmt: skip
+    for name, (values, reason) in cases.items():
+        table = pd.DataFrame({**base, "coordY": values})
+        path = tmp_path / f"{name}.parquet"
+        with pytest.raises(ManifestError) as info:
+            if name == "object bool":  # what pandas gives for a mixed column (Parquet cannot hold one)
+                validate_manifest(table, str(path), tmp_path)
+            else:
+                table.to_parquet(path)
+                read_manifest(path)
+        dtype = pd.read_parquet(path)["coordY"].dtype if path.exists() else None
+        assert str(info.value) == f"manifest {path}: {reason.format(dtype=dtype)}", name
+
+
+def test_decimal_commas_name_the_file_column_and_row(tmp_path, images):
+    rel, _ = images
+    path = _write_csv(tmp_path / "comma.csv", [[str(rel), "1.5", "2", "3"], [str(rel), "0,640", "2", "3"], [str(rel), "-1,5", "2", "3"]], ["image_path", "coordX", "coordY", "coordZ"])  # fmt: skip
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    assert str(info.value) == (
+        f"manifest {path}: column coordX, row 1 holds '0,640' (2 rows like it): decimal commas are not read; "
+        "write decimal points (0.640), with commas only between columns"
+    )
+
+
+@pytest.mark.parametrize(
+    ("coords", "seed", "named"),
+    [
+        ("lps", (500.0, 20.0, -70.0), "seed (500.0, 20.0, -70.0) mm"),
+        ("ras", (-500.0, -20.0, -70.0), "seed (-500.0, -20.0, -70.0) mm RAS (LPS (500.0, 20.0, -70.0))"),
+        ("voxel", (-700.0, 2.0, 3.0), "seed at voxel (-700.0, 2.0, 3.0) (LPS (494.5, 16.8, -72.5) mm)"),
+    ],
+)
+def test_a_seed_outside_the_volume_is_named_as_the_user_gave_it(tmp_path, images, coords, seed, named):
+    from medfm.data.datasets import VolumePatches
+    from medfm.data.profiles import FMCIB
+
+    rel, _ = images
+    path = _write_csv(tmp_path / "m.csv", [[str(rel), *seed]], ["image_path", "coordX", "coordY", "coordZ"])
+    item = VolumePatches(read_manifest(path, coords=coords), FMCIB)[0]
+    assert list(item.errors) == [0]
+    assert item.errors[0].startswith(f"{named} lies ") and item.errors[0].endswith(" mm outside the volume")

@@ -10,6 +10,7 @@ import pytest
 from scipy.optimize import check_grad, minimize
 
 from medfm.cli import main
+from medfm.errors import ManifestError
 from medfm.evaluate.probe import run_fractions
 from medfm.evaluate.survival import (
     CoxProbe,
@@ -184,3 +185,17 @@ def test_train_fractions_keep_the_test_rows(tmp_path):
         )
     assert sizes[(1.0, 0)] == 160 and 75 <= sizes[(0.5, 0)] <= 85 and 28 <= sizes[(0.2, 1)] <= 36
     assert (tmp_path / "fractions.md").read_text().startswith("| train fraction |")
+
+
+def test_a_decimal_comma_in_the_time_column_names_the_file_column_and_row(tmp_path):
+    table = _survival_table(n=40, d=4)
+    table["days"] = [f"{v:.3f}" for v in table["days"]]
+    table.loc[7, "days"] = "0,640"
+    path = tmp_path / "f.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(ManifestError) as info:
+        run_survival(path, "days", "dead", tmp_path / "out", n_bootstrap=10)
+    assert str(info.value) == (
+        f"feature table {path}: column days, row 7 holds '0,640': decimal commas are not read; write decimal points "
+        "(0.640), with commas only between columns"
+    )

@@ -84,7 +84,9 @@ class VolumePatches(Dataset):
                 item.notices.append(notice)
             for row in rows:
                 try:
-                    plans[row] = plan_patch(geometry, self.manifest.seeds_lps[row], self.profile)
+                    plans[row] = plan_patch(
+                        geometry, self.manifest.seeds_lps[row], self.profile, self.manifest.seed_as_given(row)
+                    )
                 except MedfmError as err:
                     item.errors[row] = str(err)
             if plans and volume is None:

@@ -1,7 +1,9 @@
 """Read 2D images (PNG, JPEG, TIFF, single-frame DICOM) into [0, 1] and shape them for a 2D profile.
 
-DICOM pixel data goes through the modality LUT (rescale slope/intercept), then the VOI LUT or the first
-window centre/width, else the image's own range; MONOCHROME1 is inverted. Other files are scaled by their
+DICOM pixel data goes through the modality LUT (rescale slope/intercept), then the VOI LUT (scaled by the LUT's
+own output range, so one stored value maps to one output in every image) or the first window centre/width with its
+VOI LUT Function (LINEAR, LINEAR_EXACT, SIGMOID, PS3.3 C.11.2.1.2-3), else the image's own range; MONOCHROME1 is
+inverted. Other files are scaled by their
 bit depth. Images that come out nearly black are flagged: a 12-bit image in a 16-bit container, or a
 wrong window, is the commonest silent error with 2D medical images.
 """
@@ -9,7 +11,9 @@ wrong window, is the commonest silent error with 2D medical images.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +21,9 @@ import torch.nn.functional as F
 
 from medfm.data.profiles import Profile2D
 from medfm.errors import VolumeError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -38,10 +45,37 @@ def _is_dicom(path: str) -> bool:
         return fh.read(4) == b"DICM"
 
 
-def _window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """The DICOM linear VOI function (PS3.3 C.11.2.1.2), to [0, 1]."""
+def _window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """A DICOM VOI function (PS3.3 C.11.2.1.2 LINEAR and LINEAR_EXACT, C.11.2.1.3 SIGMOID), to [0, 1]."""
+    function = function.strip().upper() or "LINEAR"
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - centre) / width + 0.5, 0.0, 1.0)
+    if function != "LINEAR":
+        raise ValueError(
+            f"VOI LUT Function (0028,1056) is {function!r}; the standard defines LINEAR, LINEAR_EXACT, SIGMOID"
+        )
     low = centre - 0.5 - (width - 1) / 2
     return np.clip((values - low) / max(width - 1, 1e-6), 0.0, 1.0)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The first VOI LUT of the sequence, its output scaled by the LUT's own range (its smallest to largest entry)."""
+    from pydicom.pixels import apply_voi_lut
+
+    n, first = int(ds.VOILUTSequence[0].LUTDescriptor[0] or 65536), int(ds.VOILUTSequence[0].LUTDescriptor[1])
+    table = apply_voi_lut(np.arange(first, first + n, dtype=np.int64), ds).astype(np.float64)
+    low, high = float(table.min()), float(table.max())
+    if np.array_equal(values, np.rint(values)):  # a LUT is indexed by whole stored values
+        values = values.astype(np.int64)
+    return (apply_voi_lut(values, ds).astype(np.float64) - low) / max(high - low, 1e-12)
+
+
+def _decode_reason(err: Exception) -> str:
+    """A decoder's message on one line, whole: pydicom names the plugin and the package to install after the first."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return " ".join(lines)[:600] if lines else type(err).__name__
 
 
 def _first(value: object) -> float:
@@ -54,14 +88,15 @@ def _first(value: object) -> float:
 
 def _read_dicom(path: str) -> Image2D:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path, force=True)
         if "PixelData" not in ds:
             raise VolumeError(path, "DICOM file has no pixel data")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError(path, f"multi-frame DICOM ({ds.NumberOfFrames} frames); give single-frame images")
+        frames = _frames(ds, path)
+        if frames > 1:
+            raise VolumeError(path, f"multi-frame DICOM ({frames} frames); give single-frame images")
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
             ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
             ds.file_meta.TransferSyntaxUID = (
@@ -71,7 +106,7 @@ def _read_dicom(path: str) -> Image2D:
     except VolumeError:
         raise
     except Exception as err:  # pydicom raises many kinds (missing decoder plugins among them)
-        raise VolumeError(path, f"DICOM pixel data cannot be decoded ({str(err).splitlines()[0][:200]})") from None
+        raise VolumeError(path, f"DICOM pixel data cannot be decoded ({_decode_reason(err)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim == 3 and pixels.shape[-1] == 3:
@@ -81,18 +116,36 @@ def _read_dicom(path: str) -> Image2D:
         raise VolumeError(path, f"unsupported photometric interpretation {photometric}")
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     if "VOILUTSequence" in ds:
-        values = apply_voi_lut(values, ds).astype(np.float64)
-        low, high = float(values.min()), float(values.max())
-        scaled, how = (values - low) / max(high - low, 1e-12), "VOI LUT"
+        scaled, how = _voi_lut(values, ds), "VOI LUT"
     elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        scaled, how = _window(values, centre, width), f"window {centre:g}/{width:g}"
+        function = str(ds.get("VOILUTFunction", "") or "LINEAR").upper()
+        try:
+            scaled = _window(values, centre, width, function)
+        except ValueError as err:
+            raise VolumeError(path, str(err)) from None
+        how = f"window {centre:g}/{width:g}" + ("" if function == "LINEAR" else f" {function}")
     else:
         low, high = float(values.min()), float(values.max())
         scaled, how = (values - low) / max(high - low, 1e-12), "min–max"
     if photometric == "MONOCHROME1":
         scaled, how = 1.0 - scaled, how + ", MONOCHROME1 inverted"
     return Image2D(scaled.astype(np.float32), path, how)
+
+
+def _frames(ds: Dataset, path: str) -> int:
+    """The Number of Frames (0028,0008) of a DICOM image, 1 when absent; a value that is not a count names the tag."""
+    try:
+        with warnings.catch_warnings():  # pydicom warns of an invalid IS before failing; the error below says it
+            warnings.simplefilter("ignore")
+            value = ds.get("NumberOfFrames", 1)
+        frames = int(str(value).strip() or 1)
+    except (ValueError, TypeError):  # pydicom cannot even convert it: show the bytes as stored
+        raw = ds.get_item(0x00280008).value
+        value, frames = raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else raw, 0
+    if frames < 1:
+        raise VolumeError(path, f"Number of Frames (0028,0008) is {str(value)!r}, not a count of frames (1 or more)")
+    return frames
 
 
 def _read_bitmap(path: str) -> Image2D:

@@ -23,6 +23,7 @@ from medfm.errors import ManifestError, MedfmError
 COORD_COLUMNS = ("coordX", "coordY", "coordZ")
 COORD_SYSTEMS = ("lps", "ras", "voxel")
 SERIES_COLUMN = "series_uid"
+_DECIMAL_COMMA = re.compile(r"^\s*[-+]?\d*,\d+\s*$")
 _NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?$|^-?0?\.\d+([eE][-+]?\d+)?$")
 
 
@@ -49,6 +50,17 @@ class Manifest:
             return None
         # a series whose UID is empty: "" from Parquet, or "<empty UID>" as the listing names it (a CSV cannot say "")
         return "" if str(value).strip() == EMPTY_UID else str(value)
+
+    def seed_as_given(self, row: int) -> str:
+        """A row's seed as the manifest gives it (LPS or RAS mm, or voxel index), with LPS beside it if converted."""
+        given = tuple(float(self.table[c].iloc[row]) for c in COORD_COLUMNS)
+        text = "(" + ", ".join(f"{v:.1f}" for v in given) + ")"
+        lps = "(" + ", ".join(f"{v:.1f}" for v in self.seeds_lps[row]) + ")"
+        if self.coords == "ras":
+            return f"seed {text} mm RAS (LPS {lps})"
+        if self.coords == "voxel":
+            return f"seed at voxel {text} (LPS {lps} mm)"
+        return f"seed {text} mm"
 
     def volumes(self, rows: list[int] | None = None) -> list[tuple[str, str | None, list[int]]]:
         """Group rows by the volume they read: (path, series uid, rows) in order of first appearance."""
@@ -118,6 +130,7 @@ def validate_manifest(
         paths.append(str(p if p.is_absolute() else (base_dir / p)))
     points = np.full((len(table), 3), np.nan)
     for axis, column in enumerate(COORD_COLUMNS if seeds else ()):
+        check_numeric_column(table[column], column, f"manifest {source}")
         numbers = pd.to_numeric(table[column], errors="coerce")
         for row in np.flatnonzero(~np.isfinite(numbers.to_numpy(dtype=float))):
             value = table[column].iloc[row]
@@ -132,6 +145,29 @@ def validate_manifest(
     elif seeds and coords == "voxel":
         points = _voxel_to_lps(table, paths, points, row_errors)
     return Manifest(table=table, source=source, coords=coords, paths=paths, seeds_lps=points, row_errors=row_errors)
+
+
+def check_numeric_column(values: pd.Series, column: str, source: str) -> None:
+    """Refuse a column that must hold numbers but holds booleans, dates, or decimal commas ('0,640'); rows are named
+    by the series' index (the table's row numbers), the table by ``source`` (e.g. 'manifest m.csv')."""
+    kind = values.dtype
+    flags = [isinstance(v, (bool, np.bool_)) for v in values] if pd.api.types.is_object_dtype(kind) else []
+    if pd.api.types.is_bool_dtype(kind) or any(flags):
+        raise ManifestError(f"{source}: column {column} holds booleans (dtype {kind}), not coordinates")
+    if not (
+        pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_object_dtype(kind) or pd.api.types.is_string_dtype(kind)
+    ):
+        raise ManifestError(f"{source}: column {column} has dtype {kind}, not numbers")
+    if pd.api.types.is_numeric_dtype(kind):
+        return
+    commas = [row for row, v in values.items() if isinstance(v, str) and _DECIMAL_COMMA.match(v)]
+    if commas:
+        row = commas[0]
+        raise ManifestError(
+            f"{source}: column {column}, row {row} holds {values[row]!r}"
+            + (f" ({len(commas)} rows like it)" if len(commas) > 1 else "")
+            + ": decimal commas are not read; write decimal points (0.640), with commas only between columns"
+        )
 
 
 def _voxel_to_lps(table: pd.DataFrame, paths: list[str], index: np.ndarray, row_errors: dict[int, str]) -> np.ndarray:

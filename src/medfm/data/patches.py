@@ -97,8 +97,11 @@ def resampled_grid(geometry: Geometry, spacing: tuple[float, float, float]) -> R
     return ResampledGrid(shape=tuple(int(s) for s in out_shape), affine_ras=out_aff @ flip)
 
 
-def plan_patch(geometry: Geometry, seed_lps: tuple[float, float, float] | np.ndarray, profile: Profile) -> PatchPlan:
-    """Place a patch of ``profile`` at a seed given in LPS world mm."""
+def plan_patch(
+    geometry: Geometry, seed_lps: tuple[float, float, float] | np.ndarray, profile: Profile, given: str | None = None
+) -> PatchPlan:
+    """Place a patch of ``profile`` at a seed given in LPS world mm; ``given`` names the seed in errors as the user
+    wrote it (e.g. ``Manifest.seed_as_given``)."""
     grid = resampled_grid(geometry, profile.spacing)
     seed = np.asarray(seed_lps, dtype=float)
     if seed.shape != (3,) or not np.all(np.isfinite(seed)):
@@ -110,9 +113,8 @@ def plan_patch(geometry: Geometry, seed_lps: tuple[float, float, float] | np.nda
     beyond = np.maximum(np.maximum(-0.5 - source_index, source_index - (np.asarray(geometry.size) - 0.5)), 0.0)
     if np.any(beyond > 0):
         distance = np.linalg.norm(beyond * np.asarray(geometry.spacing))
-        raise PatchError(
-            f"seed ({seed[0]:.1f}, {seed[1]:.1f}, {seed[2]:.1f}) mm lies {distance:.1f} mm outside the volume"
-        )
+        name = given or f"seed ({seed[0]:.1f}, {seed[1]:.1f}, {seed[2]:.1f}) mm"
+        raise PatchError(f"{name} lies {distance:.1f} mm outside the volume")
     if profile.seed_rounding == "trunc":
         centre = np.array([int(c) for c in index])
     else:

@@ -66,17 +66,24 @@ class Profile:
             out = np.clip(out, 0.0, 1.0)
         return out.astype(np.float32)
 
-    def intensity_warning(self, array: np.ndarray) -> str | None:
-        """A warning when voxel values do not look like Hounsfield units (the commonest input error)."""
+    def intensity_warning(self, array: np.ndarray, whole: bool = False) -> str | None:
+        """A warning when voxel values do not look like Hounsfield units (the commonest input error).
+
+        The voxel type is a fact of the whole file; the values are judged for what was read: the whole scan when
+        ``whole``, else only the region around the seeds (soft tissue all round a seed is no proof of an 8-bit scan).
+        """
+        expects = f"profile {self.name} expects CT in HU (air about -1000)"
         lo, hi = float(np.min(array)), float(np.max(array))
+        if np.asarray(array).dtype in (np.uint8, np.int8):
+            return f"voxels are stored as 8-bit ({np.asarray(array).dtype}, {lo:g}..{hi:g}), not Hounsfield units; {expects}"
+        seen = (
+            "the scan's voxels" if whole else f"the {np.size(array)} voxels read around the seeds (not the whole scan)"
+        )
         if lo >= 0 and hi <= 255:
+            return f"{seen} span {lo:g}..{hi:g}, like a windowed 8-bit image rather than Hounsfield units; {expects}"
+        if lo >= 0:
             return (
-                f"intensities span {lo:g}..{hi:g}, which looks like a windowed 8-bit image rather than "
-                f"Hounsfield units; profile {self.name} expects CT in HU (air about -1000)"
-            )
-        if lo >= 0 and hi > 255:
-            return (
-                f"intensities span {lo:g}..{hi:g} with nothing below 0; CT in HU has air near -1000. "
+                f"{seen} span {lo:g}..{hi:g} with nothing below 0; CT in HU has air near -1000. "
                 "Check the rescale slope/intercept of the files"
             )
         return None

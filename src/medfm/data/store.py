@@ -235,7 +235,9 @@ def _cut_volume(
     for row in rows:
         try:
             patches[position[row]] = sample_patch(
-                volume, plan_patch(volume.geometry, manifest.seeds_lps[row], profile), profile
+                volume,
+                plan_patch(volume.geometry, manifest.seeds_lps[row], profile, manifest.seed_as_given(row)),
+                profile,
             )
         except MedfmError as err:
             errors[row] = str(err)

@@ -15,6 +15,7 @@ import pandas as pd
 from scipy.optimize import minimize
 from sklearn.metrics import roc_auc_score
 
+from medfm.data.manifest import check_numeric_column
 from medfm.data.outputs import write_json, write_table
 from medfm.data.splits import make_splits
 from medfm.errors import ConfigError, ManifestError
@@ -103,6 +104,9 @@ def run_survival(
         raise ManifestError(f"column {time_column!r} not found; columns are {list(data.table.columns)[:20]}")
     timed = data.table[time_column].notna().to_numpy()
     table, x, rows = data.table[timed].reset_index(drop=True), data.x[timed], data.rows[timed]
+    source = "the feature table" if isinstance(features, pd.DataFrame) else f"feature table {features}"
+    for column in (time_column, event_column):  # name the row of a '0,640' rather than numpy's float error
+        check_numeric_column(pd.Series(table[column].to_numpy(), index=rows), column, source)
     time = table[time_column].to_numpy(dtype=float)
     event = table[event_column].to_numpy(dtype=float)
     groups = None if data.groups is None else data.groups[timed]

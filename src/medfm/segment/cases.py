@@ -149,7 +149,9 @@ def load_case3d(
     """Read, check and prepare one 3D case; RowError naming the row, the files and the reason."""
     try:
         image = read_image(image_path, series_uid)
-        if profile is not None and (warning := profile.intensity_warning(sitk.GetArrayViewFromImage(image))):
+        if profile is not None and (
+            warning := profile.intensity_warning(sitk.GetArrayViewFromImage(image), whole=True)
+        ):
             warnings.warn(f"{image_path}: {warning}", stacklevel=2)
         x, grid = prepare_volume(image, scale, spacing)
         if mask_path is None:
