@@ -414,6 +414,12 @@ def test_fit_writes_metrics_config_and_checkpoints(resnet10_run):
     assert ckpt["global_step"] == STEPS_PER_EPOCH
     assert ckpt["hyper_parameters"]["method"] == "simclr"
     assert ckpt["datamodule_hyper_parameters"]["profile"] == "fmcib"
+    # the loss and kNN-monitor curves per epoch, from metrics.csv
+    curves = pd.read_csv(resnet10_run / "curves.csv")
+    assert curves["epoch"].tolist() == [0]
+    assert curves["train/loss"][0] == pytest.approx(table["train/loss_epoch"].dropna().iloc[0])
+    assert curves["val/knn_acc"][0] == pytest.approx(knn.iloc[0])
+    assert (resnet10_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_print_config_prints_the_resolved_yaml(tmp_path, manifest, cache_dir, capsys):
