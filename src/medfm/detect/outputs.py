@@ -28,6 +28,7 @@ from medfm.detect.data import DetectData, load_image
 from medfm.detect.module import DetectModule
 from medfm.errors import ConfigError, MedfmError, ModelError, RowError
 from medfm.models import hub
+from medfm.models.checkpoints import read_checkpoint
 from medfm.progress import progress_bar
 from medfm.train.curves import write_curves
 
@@ -88,7 +89,7 @@ def load_detector(path: str | os.PathLike[str]) -> tuple[DetectModule, Profile2D
     if not path.is_file():
         raise ModelError(f"{path}: file not found")
     if path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)  # refuses, in one line, a file that could run code or holds NaN weights
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         data = dict(checkpoint.get("datamodule_hyper_parameters", {}))
         if "classes" not in hparams or "manifest" not in data:

@@ -6,7 +6,8 @@ Lightning (``state_dict`` with ``model.trunk.`` / ``model.heads.`` prefixes), DD
 plain state dicts and safetensors files. A ``.tar`` / ``.tar.gz`` archive holding one weight file (as
 RadiologyNET publishes them) is opened with every member checked first: absolute paths, ``..``, links and
 devices are refused, and the weight file is extracted only into a temporary directory. A tensor holding a NaN or an infinity is
-refused at load, by name (:func:`check_finite`).
+refused at load, by name (:func:`check_finite`). The weight file may expand to at most 4 GiB
+(``MEDFM_MAX_ARCHIVE_MEMBER``): a decompression bomb is refused at the limit, before more is written.
 
 The checkpoints of pre-training codebases (MoCo, SimCLR, BYOL, SwAV, PIRL, RadiologyNET, ...) are unwrapped
 by rule in :mod:`medfm.models.adapters` (``detect_layout``, ``adapt``; ``read_trunk`` here does both).
@@ -18,16 +19,16 @@ import os
 import pickle
 import pickletools
 import re
-import shutil
 import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import torch
 
-from medfm.errors import CheckpointError
+from medfm.errors import CheckpointError, ConfigError
 from medfm.models.adapters import LAYOUTS, adapt, detect_layout
 
 __all__ = [
@@ -120,7 +121,50 @@ def check_finite(checkpoint: Mapping[str, object], source: str = "the checkpoint
 
 # Suffixes of the weight file looked for inside an archive.
 WEIGHT_SUFFIXES = (".pth.tar", ".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".torch", ".pkl", ".tar")
-_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")  # Python 3.12, and 3.8.17+/3.9.17+/3.10.12+/3.11.4+
+# The most one archive member may expand to (published weight files are at most a few hundred MB).
+MAX_ARCHIVE_MEMBER = 4 << 30
+MAX_ARCHIVE_MEMBER_ENV = "MEDFM_MAX_ARCHIVE_MEMBER"
+
+
+def max_archive_member() -> int:
+    """The cap on an archive member's size in bytes: ``$MEDFM_MAX_ARCHIVE_MEMBER`` (e.g. ``8G``, ``512M``), else 4 GiB."""
+    text = os.environ.get(MAX_ARCHIVE_MEMBER_ENV, "").strip()
+    if not text:
+        return MAX_ARCHIVE_MEMBER
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)(?:i?B)?", text, re.I)
+    if not match:
+        raise ConfigError(f"{MAX_ARCHIVE_MEMBER_ENV}={text!r}: give a number of bytes, e.g. 8G or 500M")
+    unit = match.group(2).upper()
+    return int(match.group(1)) << (10 * ("KMGT".index(unit) + 1) if unit else 0)
+
+
+def copy_capped(source: BinaryIO, dest: BinaryIO, cap: int) -> int:
+    """Copy ``source`` into ``dest`` until it ends or ``cap`` bytes are passed; returns the bytes read (> cap: cut).
+
+    Never more than ``cap`` bytes plus one chunk are read, and never more than ``cap`` are written.
+    """
+    done = 0
+    while True:
+        block = source.read(min(_CHUNK, cap + 1 - done))
+        if not block:
+            return done
+        done += len(block)
+        if done > cap:
+            return done
+        dest.write(block)
+
+
+def _too_big(path: Path, name: str, size: int | None, cap: int) -> str:
+    """The refusal of a member bigger than ``cap`` (``size`` None: found while streaming)."""
+    grows = f"expands to {size} bytes" if size is not None else "expands to more"
+    return (
+        f"{path}: refused — the archive's member {name!r} {grows}, more than the limit of {cap} bytes on one member "
+        f"(a decompression bomb, or a file bigger than any published weights: set {MAX_ARCHIVE_MEMBER_ENV} to allow "
+        "more); nothing was kept"
+    )
+
+
+_CHUNK = 1 << 20
 
 
 def _is_tar(path: Path) -> bool:
@@ -183,18 +227,18 @@ def _read_archive(path: Path) -> dict[str, object]:
                     "its pickles; re-save it with a current PyTorch (torch.save) or as safetensors"
                 )
             member = _weight_member(path, members)
+            cap = max_archive_member()
+            if member.size > cap:
+                raise CheckpointError(_too_big(path, member.name, member.size, cap))
             with tempfile.TemporaryDirectory(prefix="medfm-archive-") as tmp:
                 root = Path(tmp).resolve()
-                if _HAS_DATA_FILTER:
-                    tar.extract(member, root, filter="data")
-                    dest = (root / member.name).resolve()
-                else:
-                    dest = root / PurePosixPath(member.name).name
-                    source = tar.extractfile(member)
-                    if source is None:
-                        raise CheckpointError(f"{path}: the archive's member {member.name!r} cannot be read")
-                    with source, open(dest, "wb") as fh:
-                        shutil.copyfileobj(source, fh)
+                dest = root / PurePosixPath(member.name).name
+                source = tar.extractfile(member)
+                if source is None:
+                    raise CheckpointError(f"{path}: the archive's member {member.name!r} cannot be read")
+                with source, open(dest, "wb") as fh:
+                    if copy_capped(source, fh, cap) > cap:
+                        raise CheckpointError(_too_big(path, member.name, None, cap))
                 if not dest.is_relative_to(root) or not dest.is_file():
                     raise CheckpointError(f"{path}: refused — {member.name!r} would be extracted outside the folder")
                 if _is_tar(dest):
