@@ -124,7 +124,7 @@ def extraction(
 
     from medfm.data.crop import crop_manifest
     from medfm.data.manifest import read_manifest
-    from medfm.evaluate.extract import FeatureRunner, extract_features
+    from medfm.features.extract import FeatureRunner, extract_features
     from medfm.models.registry import load_model
 
     m = read_manifest(manifest)

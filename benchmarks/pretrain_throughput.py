@@ -103,7 +103,7 @@ class UncachedViews(Dataset):
 
 def sample_keys(size: int, n: int, repeat: int) -> list[tuple[int, int]]:
     """``n`` (index, epoch) keys from shuffled epochs, fresh ones for each repeat (as training epochs draw them)."""
-    from medfm.data.training import EpochSampler
+    from medfm.train.sampler import EpochSampler
 
     keys: list[tuple[int, int]] = []
     sampler = EpochSampler(size, shuffle=True, seed=0)

@@ -20,7 +20,7 @@ from medfm.data.patches import crop_patch
 from medfm.data.profiles import get_profile
 from medfm.data.synthetic import make_demo_dataset
 from medfm.errors import MedfmError, RowError, WeightsError
-from medfm.evaluate.extract import FeatureRunner, extract_features
+from medfm.features.extract import FeatureRunner, extract_features
 from medfm.models import load_model
 
 MODEL = "resnet10-3d"

@@ -26,7 +26,6 @@ from medfm.cli import main
 from medfm.data import profiles
 from medfm.data.splits import assign_splits
 from medfm.data.synthetic import make_demo_dataset
-from medfm.data.training import EpochSampler
 from medfm.errors import ManifestError, ModelError
 from medfm.evaluate.survival import _neg_log_partial_likelihood
 from medfm.finetune.data import FinetuneData
@@ -37,6 +36,7 @@ from medfm.models import registry
 from medfm.models.backbones import resnet3d
 from medfm.pretrain.export import export_trunk
 from medfm.train.callbacks import BestWeights
+from medfm.train.sampler import EpochSampler
 
 SMALL = {"depth": 10, "widen_factor": 0.25}  # 128-d features
 VIEW = [

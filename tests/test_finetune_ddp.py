@@ -125,8 +125,8 @@ def runs(request, manifest, tmp_path_factory) -> tuple[str, Path, Path]:
 def test_every_global_batch_has_a_cox_loss(manifest):
     """The survival comparison means something only when the Cox loss of each global batch is not 0: an event with
     someone else still at risk (zero risks give the mean log of the numbers at risk)."""
-    from medfm.data.training import EpochSampler
     from medfm.finetune.losses import cox_loss
+    from medfm.train.sampler import EpochSampler
 
     table = pd.read_csv(manifest)
     train = table[table["split"] == "train"].reset_index(drop=True)

@@ -18,7 +18,7 @@ from medfm.data.images2d import Image2D, intensity_warning2d, preprocess2d, read
 from medfm.data.manifest import read_manifest
 from medfm.data.profiles import IMAGENET_MEAN, IMAGENET_STD, Profile2D, get_profile
 from medfm.errors import VolumeError
-from medfm.evaluate.extract import extract_features
+from medfm.features.extract import extract_features
 
 
 def _dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None, frames=1):

@@ -13,7 +13,7 @@ import pytest
 from medfm.data.datasets import iter_volume_items
 from medfm.data.manifest import read_manifest
 from medfm.data.profiles import FMCIB_CENTRED, get_profile
-from medfm.evaluate.extract import extract_features
+from medfm.features.extract import extract_features
 
 LIDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc_idri_0001"
 CT = LIDC / "lidc_idri_0001_ct_uint8_1.4x1.4x2.5mm.nii.gz"

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from medfm.data.augment import build_view, default_view
 from medfm.data.store import store_from_arrays
-from medfm.data.training import NO_LABEL, EpochSampler, StoreViews, mined_turn
+from medfm.data.training import NO_LABEL, StoreViews, mined_turn
+from medfm.train.sampler import EpochSampler
 
 # ---------------------------------------------------------------------------------------------- EpochSampler
 

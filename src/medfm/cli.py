@@ -38,7 +38,7 @@ def _crop(args: argparse.Namespace) -> None:
 def _extract(args: argparse.Namespace) -> None:
     from medfm.data.manifest import read_manifest
     from medfm.data.profiles import Profile2D, get_profile
-    from medfm.evaluate.extract import extract_features
+    from medfm.features.extract import extract_features
     from medfm.models.registry import get_entry
 
     entry = get_entry(args.model)
@@ -93,7 +93,7 @@ def _extract(args: argparse.Namespace) -> None:
 
 def _is_rank_zero() -> bool:
     """False in the further processes of a multi-device run (they stay quiet)."""
-    from medfm.data.training import world
+    from medfm.train.sampler import world
 
     return world()[0] == 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from medfm.data.crop import CropResult, crop_manifest
 from medfm.data.manifest import read_manifest
 from medfm.data.synthetic import make_demo_dataset
-from medfm.evaluate.extract import ExtractResult, extract_features
+from medfm.features.extract import ExtractResult, extract_features
 from medfm.models import hub
 from medfm.models.registry import PUBLISHED, get_entry
 

@@ -1,76 +1,23 @@
-"""Training data over a patch store: seeded augmented views, and a sampler that shards epochs across ranks.
+"""Training data over a patch store: seeded augmented views of each entry, and label encoding.
 
 Every random choice of an item comes from (seed, epoch, index), so the same run gives the same views whatever the
-number of loader workers or ranks, and each epoch gives new ones. The sampler yields ``(index, epoch)`` pairs and
-splits each epoch's permutation between the processes of a distributed run itself (equal shares, so every rank
-takes the same number of steps).
+number of loader workers or ranks, and each epoch gives new ones. Items are addressed by ``(index, epoch)`` pairs,
+which :class:`medfm.train.sampler.EpochSampler` yields (the sharding over ranks lives in ``train/``: ``data/``
+knows no process groups).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from medfm.data.augment import ViewPipeline
 from medfm.data.store import PatchStore
 from medfm.errors import ConfigError
 
 NO_LABEL = -1
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when none is running."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class EpochSampler(Sampler):
-    """Seeded per-epoch shuffling, sharded over the ranks of the default process group; yields (index, epoch).
-
-    With ``weights`` each epoch draws ``size`` indices with replacement in proportion to them (oversampling).
-    """
-
-    def __init__(
-        self, size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True, weights: np.ndarray | None = None
-    ) -> None:
-        self.size = size
-        self.weights = None if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer at the start of each epoch."""
-        self.epoch = epoch
-
-    def _world(self) -> tuple[int, int]:
-        return world()
-
-    def __len__(self) -> int:
-        _, world = self._world()
-        return self.size // world if self.drop_last else -(-self.size // world)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        rank, world = self._world()
-        order = np.arange(self.size)
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.weights is not None:
-            order = rng.choice(self.size, size=self.size, replace=True, p=self.weights)
-        elif self.shuffle:
-            order = rng.permutation(self.size)
-        if self.drop_last:
-            order = order[: len(order) // world * world]
-        else:
-            order = np.resize(order, -(-len(order) // world) * world)  # repeats the start, even past n < world
-        for index in order[rank::world]:
-            yield int(index), self.epoch
 
 
 def mined_turn(pool: int, seed: int, epoch: int, entry: int) -> int:
@@ -139,3 +86,21 @@ def encode_labels(values: pd.Series) -> tuple[np.ndarray, list[str]]:
     lookup = {c: i for i, c in enumerate(classes)}
     codes = np.array([NO_LABEL if pd.isna(v) else lookup[v] for v in values], dtype=np.int64)
     return codes, [str(c) for c in classes]
+
+
+_MOVED = {"world": "medfm.train.sampler", "EpochSampler": "medfm.train.sampler"}
+
+
+def __getattr__(name: str) -> object:
+    """Deprecated names that moved to ``train/`` (they go in the next release)."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(
+        f"medfm.data.training.{name} moved to {_MOVED[name]}.{name}; the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -24,10 +24,10 @@ from medfm.data.images2d import preprocess2d, read_image2d
 from medfm.data.outputs import write_errors
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import assign_splits, subsample
-from medfm.data.training import EpochSampler, world
 from medfm.detect.boxes import BoxTable, ImageBoxes, read_boxes
 from medfm.errors import ConfigError, MedfmError, ProfileError, RowError
 from medfm.progress import progress_bar
+from medfm.train.sampler import EpochSampler, world
 
 _READ_CACHE: dict[tuple[str, float, Profile2D], tuple[torch.Tensor, Frame, tuple[int, int]]] = {}
 READ_CACHE_IMAGES = 5000  # images kept per process, so repeated runs (seeds, sweeps) decode each file once

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from medfm.data.training import world
 from medfm.detect.metrics import (
     RSNA_SCORE_THRESHOLD,
     RSNA_THRESHOLDS,
@@ -30,6 +29,7 @@ from medfm.detect.model import make_detector
 from medfm.errors import ConfigError
 from medfm.train.callbacks import fit_callbacks
 from medfm.train.optim import grouped_optimizer
+from medfm.train.sampler import world
 
 DEFAULT_INPUT = {"size": [224, 224], "channels": 1, "mean": [0.0], "std": [1.0]}
 

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import assign_splits, subsample
-from medfm.data.training import EpochSampler
 from medfm.errors import ConfigError
 from medfm.segment.cases import GEOMETRY_TOLERANCE, Case, CaseSet, load_cases
 from medfm.segment.labels import ClassMap, class_names
+from medfm.train.sampler import EpochSampler
 
 
 def crop(array: np.ndarray, start: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:

@@ -7,7 +7,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from medfm.data.store import PatchStore
-from medfm.data.training import EpochSampler, StoreViews
+from medfm.data.training import StoreViews
+from medfm.train.sampler import EpochSampler
 
 
 class StoreDataModule(pl.LightningDataModule):

@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
-from medfm.data.training import world
+from medfm.train.sampler import world
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
