@@ -1,9 +1,14 @@
-"""The package layout: the training rooms (pretrain, finetune, detect, segment) never import each other."""
+"""The package layout: the training rooms (pretrain, finetune, detect, segment) never import each other, and moved
+names keep working for one release with a deprecation warning."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
+
+import pytest
 
 import medfm
 
@@ -65,3 +70,24 @@ def test_sideways_import_is_found(tmp_path: Path) -> None:
         "segment/b.py: medfm.pretrain",
         "segment/b.py: medfm.pretrain.losses",
     ]
+
+
+def test_evaluate_extract_is_a_deprecated_alias_of_features_extract():
+    import medfm.features.extract as moved
+
+    sys.modules.pop("medfm.evaluate.extract", None)
+    with pytest.warns(DeprecationWarning, match="medfm.features.extract"):
+        alias = importlib.import_module("medfm.evaluate.extract")
+    assert alias.extract_features is moved.extract_features
+    assert alias.FeatureRunner is moved.FeatureRunner
+
+
+@pytest.mark.parametrize("name", ["world", "EpochSampler"])
+def test_data_training_names_moved_to_train_sampler_warn(name):
+    import medfm.data.training as training
+    import medfm.train.sampler as sampler
+
+    with pytest.warns(DeprecationWarning, match=f"medfm.train.sampler.{name}"):
+        assert getattr(training, name) is getattr(sampler, name)
+    with pytest.raises(AttributeError):
+        training.no_such_name  # noqa: B018 - an unknown name is still an AttributeError

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medfm.data.splits import Splits, holdout, leaked_groups, make_splits
+from medfm.data.splits import Splits, assign_splits, holdout, leaked_groups, make_splits, split_names
 from medfm.errors import ManifestError
 
 
@@ -59,6 +59,31 @@ def test_unknown_split_value_names_row_and_value():
     table = pd.DataFrame({"y": [0, 1, 0, 1], "split": ["train", "val", "holdout", "test"]})
     with pytest.raises(ManifestError, match=r"row 2.*'holdout'"):
         make_splits(table, table["y"].to_numpy())
+
+
+def test_split_names_strip_spaces_and_case_and_name_the_manifest_row():
+    table = pd.DataFrame({"split": [" val", "TRAIN ", "Testing", "valid"]}, index=[10, 11, 12, 13])
+    assert split_names(table, "split").tolist() == ["val", "train", "test", "val"]
+    bad = pd.DataFrame({"split": ["train", " val", None, "test"]}, index=[10, 11, 12, 13])
+    with pytest.raises(ManifestError, match=r"^row 12: column split is empty; allowed train, val, test$"):
+        split_names(bad, "split")
+    with pytest.raises(ManifestError, match="split column 'fold' is not in the manifest"):
+        split_names(table, "fold")
+
+
+def test_the_training_commands_parse_the_split_column_as_the_probes_do():
+    table = pd.DataFrame({"y": [0, 1, 0, 1], "split": [" train", "Val ", "TEST", "train"]})
+    assert assign_splits(table, table["y"].to_numpy(), "split", None, seed=0).tolist() == [
+        "train",
+        "val",
+        "test",
+        "train",
+    ]
+    assert make_splits(table, table["y"].to_numpy(), cv=None).folds[0][1].tolist() == [1]
+    table.index = [5, 6, 7, 8]
+    table.loc[7, "split"] = "tset"
+    with pytest.raises(ManifestError, match=r"^row 7: column split has value 'tset'"):
+        assign_splits(table, table["y"].to_numpy(), "split", None, seed=0)
 
 
 def test_no_test_rows_raises():

@@ -37,13 +37,23 @@ def _kfold(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int):  # noqa
     return StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
 
 
-def _split_names(table: pd.DataFrame, split_column: str) -> pd.Series:
-    names = table[split_column].astype(str).str.strip().str.lower().map(SPLIT_NAMES)
+def split_names(table: pd.DataFrame, split_column: str) -> pd.Series:
+    """``train``/``val``/``test`` per row from a split column: spaces stripped, any case, the synonyms of
+    ``SPLIT_NAMES``; an unknown or empty value is refused naming its row and value."""
+    if split_column not in table.columns:
+        raise ManifestError(f"split column {split_column!r} is not in the manifest")
+    raw = table[split_column]
+    names = raw.astype(str).str.strip().str.lower().map(SPLIT_NAMES)
     if names.isna().any():
-        bad = int(np.flatnonzero(names.isna())[0])
-        raise ManifestError(
-            f"row {bad}: column {split_column} has value {table[split_column].iloc[bad]!r}; allowed train, val, test"
-        )
+        bad = int(np.flatnonzero(names.isna().to_numpy())[0])
+        value = raw.iloc[bad]
+        given = "is empty" if pd.isna(value) or not str(value).strip() else f"has value {value!r}"
+        raise ManifestError(f"row {table.index[bad]}: column {split_column} {given}; allowed train, val, test")
+    return names
+
+
+def _test_names(table: pd.DataFrame, split_column: str) -> pd.Series:
+    names = split_names(table, split_column)
     if not (names == "test").any():
         raise ManifestError(f"column {split_column} marks no row as test")
     return names
@@ -60,7 +70,7 @@ def holdout(
     """(development, test) row indices: the ``split`` column's test rows, else a stratified, grouped hold-out."""
     rows = np.arange(len(table))
     if split_column and split_column in table.columns:
-        names = _split_names(table, split_column)
+        names = _test_names(table, split_column)
         development, test = rows[(names != "test").to_numpy()], rows[(names == "test").to_numpy()]
         if groups is not None:
             shared = sorted(set(groups[development]) & set(groups[test]))
@@ -117,7 +127,7 @@ def make_splits(
     development, test = holdout(table, y, split_column, groups, test_size, seed)
     has_column = bool(split_column and split_column in table.columns)
     if has_column and cv is None:
-        names = _split_names(table, split_column)
+        names = _test_names(table, split_column)
         train = np.flatnonzero((names == "train").to_numpy())
         val = np.flatnonzero((names == "val").to_numpy())
         if len(val) == 0:
@@ -156,13 +166,7 @@ def assign_splits(
 ) -> np.ndarray:
     """``train``/``val``/``test`` per row: the split column's names, else grouped stratified hold-outs."""
     if split_column is not None:
-        if split_column not in table.columns:
-            raise ManifestError(f"split column {split_column!r} is not in the manifest")
-        names = table[split_column].astype(str).str.lower().map(SPLIT_NAMES)
-        if names.isna().any():
-            bad = int(np.flatnonzero(names.isna().to_numpy())[0])
-            raise ManifestError(f"row {bad}: split {table[split_column].iloc[bad]!r} is not train, val or test")
-        out = names.to_numpy().astype(object)
+        out = split_names(table, split_column).to_numpy().astype(object)
     else:
         out = np.full(len(table), "train", dtype=object)
         dev, test = holdout(table, strata, None, groups, test_size, seed)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from medfm.data.images2d import preprocess2d, read_image2d
 from medfm.data.outputs import write_errors
 from medfm.data.profiles import Profile2D, get_profile
-from medfm.data.splits import assign_splits, subsample
+from medfm.data.splits import assign_splits, split_names, subsample
 from medfm.detect.boxes import BoxTable, ImageBoxes, read_boxes
 from medfm.errors import ConfigError, MedfmError, ProfileError, RowError
 from medfm.progress import progress_bar
@@ -284,8 +284,9 @@ class DetectData(pl.LightningDataModule):
         strata = np.array([int(item.labels[0]) if len(item.labels) else -1 for item in self.items])
         groups = table[hp.group_column].astype(str).to_numpy() if hp.group_column else None
         if hp.split_column and hp.split_column in self.boxes.table.columns:
+            names = split_names(self.boxes.table, hp.split_column)
             for item in self.items:  # every row of an image must name the same split
-                values = set(self.boxes.table[hp.split_column].iloc[item.rows].astype(str))
+                values = set(names.iloc[item.rows])
                 if len(values) > 1:
                     raise RowError(item.rows[0], item.image_path, f"rows of this image name several splits {values}")
         splits = assign_splits(table, strata, hp.split_column, groups, hp.split_seed, hp.test_size, hp.val_size)

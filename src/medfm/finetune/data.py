@@ -97,7 +97,7 @@ class FinetuneData(StoreDataModule):
         manifest = read_manifest(hp.manifest, coords=hp.coords, seeds=not isinstance(profile, Profile2D))
         root = Path(hp.cache_dir) if hp.cache_dir else medfm_home() / "stores"
         store = build_store(manifest, profile, root, hp.margin, 0, hp.seed, None, hp.on_error, progress=progress)
-        table = manifest.table.iloc[store.rows].reset_index(drop=True)
+        table = manifest.table.iloc[store.rows]  # indexed by manifest row, so errors name the row
         strata = self._targets(table, store)
         groups = table[hp.group_column].astype(str).to_numpy() if hp.group_column else None
         splits = assign_splits(table, strata, hp.split_column, groups, hp.split_seed)

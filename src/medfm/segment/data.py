@@ -212,7 +212,7 @@ class SegmentData(pl.LightningDataModule):
             row, reason = next(iter(self.cases.errors.items()))
             warnings.warn(f"{len(self.cases.errors)} bad row(s) skipped, e.g. row {row}: {reason}", stacklevel=2)
         rows = [c.row for c in self.cases.cases]
-        table = self.cases.table.iloc[rows].reset_index(drop=True)
+        table = self.cases.table.iloc[rows]  # indexed by manifest row, so errors name the row
         groups = table[hp.group_column].astype(str).to_numpy() if hp.group_column else None
         strata = np.zeros(len(table), dtype=int)
         splits = assign_splits(table, strata, hp.split_column, groups, hp.split_seed, hp.test_size, hp.val_size)
