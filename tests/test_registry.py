@@ -86,6 +86,36 @@ def test_random_init_is_seeded():
     assert not torch.equal(sa["layer4.0.conv1.weight"], sc["layer4.0.conv1.weight"])
 
 
+def test_create_leaves_the_callers_generator_alone():
+    """The issue-15 bug: create() seeded the global generator, so every head after it was the same."""
+    heads, trunks = [], []
+    for user_seed in (1, 2, 1):
+        torch.manual_seed(user_seed)
+        before = torch.get_rng_state()
+        net = create("resnet10-3d", seed=5)
+        assert torch.equal(torch.get_rng_state(), before)  # create() drew nothing from the caller's generator
+        heads.append(torch.nn.Linear(512, 2).weight.detach().clone())
+        trunks.append(net.conv1.weight.detach().clone())
+    assert not torch.equal(heads[0], heads[1])  # two user seeds, two heads
+    assert torch.equal(heads[0], heads[2])  # the user's seed alone decides the head
+    assert torch.equal(trunks[0], trunks[1]) and torch.equal(trunks[1], trunks[2])  # the trunk seed decides the trunk
+    assert not torch.equal(trunks[0], create("resnet10-3d", seed=6).conv1.weight)
+
+
+def test_seeded_restores_the_cpu_generator_and_repeats():
+    from medfm.seeding import seeded
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with seeded(7):
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)
+    with seeded(7):
+        assert torch.equal(torch.rand(3), a)
+    torch.manual_seed(0)
+    assert not torch.equal(torch.rand(3), a)
+
+
 def test_published_weights_missing_from_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MEDFM_HOME", str(tmp_path))
     with pytest.raises(WeightsError) as info:

@@ -36,6 +36,7 @@ from medfm.data.manifest import Manifest
 from medfm.data.outputs import FinishedRows
 from medfm.errors import ModelError
 from medfm.progress import progress_bar
+from medfm.seeding import seeded
 
 
 class _Stop(Exception):
@@ -129,8 +130,8 @@ def reconstruct(
     span = (flat.max(dim=2).values.view_as(low) - low).clamp_min(1e-8)
     unit = (target - low) / span
     grey = bool(torch.allclose(unit, unit[:, :1].expand_as(unit), atol=1e-4))
-    torch.manual_seed(seed)
-    generator = PriorGenerator(tuple(target.shape[2:]), 1 if grey else target.shape[1], seed=seed)
+    with seeded(seed):  # the generator's convolutions start from the seed; the caller's RNG is left alone
+        generator = PriorGenerator(tuple(target.shape[2:]), 1 if grey else target.shape[1], seed=seed)
     optimiser = torch.optim.Adam(generator.parameters(), lr=lr)
     frozen = [p for p in model.trunk.parameters() if p.requires_grad]
     for p in frozen:

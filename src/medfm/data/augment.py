@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from medfm.errors import ConfigError
+from medfm.seeding import seeded
 
 __all__ = ["OPS_2D", "OPS_3D", "ViewPipeline", "build_view", "default_view"]
 
@@ -179,9 +180,7 @@ def _run_monai(transform: Any, x: np.ndarray, seed: int) -> np.ndarray:
 def _run_torch(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, seed: int) -> np.ndarray:
     """Apply a torchvision transform under a forked, freshly seeded CPU generator; global state is restored."""
     tensor = torch.from_numpy(np.ascontiguousarray(x))
-    with torch.random.fork_rng(devices=[]):
-        # default_generator only: torch.manual_seed would also (lazily) reseed CUDA, outside what fork_rng restores
-        torch.default_generator.manual_seed(seed)
+    with seeded(seed):
         out = fn(tensor)
     return _to_numpy(out)
 

@@ -27,6 +27,7 @@ from medfm.data.splits import assign_splits, split_names, subsample
 from medfm.detect.boxes import BoxTable, ImageBoxes, read_boxes
 from medfm.errors import ConfigError, MedfmError, ProfileError, RowError
 from medfm.progress import progress_bar
+from medfm.seeding import seeded
 from medfm.train.sampler import EpochSampler, world
 
 _READ_CACHE: dict[tuple[str, float, Profile2D], tuple[torch.Tensor, Frame, tuple[int, int]]] = {}
@@ -176,8 +177,7 @@ class BoxImages(Dataset):
                 "labels": labels,
             }
             seed = int(np.random.SeedSequence([self.seed, epoch, entry]).generate_state(1)[0])
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 sample = self.transform(sample)
             image = sample["image"].as_subclass(torch.Tensor).clamp(0, 1)
             boxes = sample["boxes"].as_subclass(torch.Tensor)

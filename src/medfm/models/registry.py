@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
@@ -25,6 +24,7 @@ from medfm.models import hub
 from medfm.models.backbones import resnet3d
 from medfm.models.backbones2d import torchvision_trunk
 from medfm.models.transfer import TransferReport, transfer_weights
+from medfm.seeding import seeded
 
 PUBLISHED = "published"
 
@@ -125,8 +125,8 @@ def load_model(
         layout = entry.weights.layout
     elif weights is not None:
         path = Path(weights)
-    torch.manual_seed(seed)
-    model = entry.builder() if in_channels is None else entry.builder(in_channels=in_channels)
+    with seeded(seed):  # the caller's generator is left as it was
+        model = entry.builder() if in_channels is None else entry.builder(in_channels=in_channels)
     if path is None:
         return LoadedModel(model.eval(), entry, None, None, None, seed=seed)
     # the model's own weights load exactly; into another first convolution they are adapted (channels summed)
@@ -135,10 +135,14 @@ def load_model(
 
 
 def create(
-    name: str, weights: str | os.PathLike[str] | None = None, min_coverage: float = 0.95, in_channels: int | None = None
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    min_coverage: float = 0.95,
+    in_channels: int | None = None,
+    seed: int = 0,
 ) -> nn.Module:
-    """Build a registered model: ``weights=None`` random init, ``'published'`` from the cache, or a path."""
-    return load_model(name, weights, min_coverage, in_channels=in_channels).model
+    """Build a registered model: ``weights=None`` random init (seeded by ``seed``), ``'published'``, or a path."""
+    return load_model(name, weights, min_coverage, seed=seed, in_channels=in_channels).model
 
 
 def _torchvision_imagenet(filename: str) -> hub.WeightsSpec:
