@@ -564,7 +564,7 @@ def test_bad_split_name_and_missing_columns_raise(manifest, cache_dir, tmp_path)
     table.loc[5, "split"] = "holdout"
     bad = tmp_path / "bad_split.csv"
     table.to_csv(bad, index=False)
-    with pytest.raises(ManifestError, match="row 5: split 'holdout'"):
+    with pytest.raises(ManifestError, match="^row 5: column split has value 'holdout'; allowed train, val, test$"):
         data_module(bad, cache_dir).setup("fit")
     with pytest.raises(ManifestError, match="'nodule_class'"):
         data_module(manifest, cache_dir, label_column="nodule_class").setup("fit")
