@@ -10,7 +10,7 @@ __all__ = ["MedfmError", "__version__", "get_features"]
 def __getattr__(name: str) -> object:
     """``medfm.get_features`` is imported on first use: ``import medfm`` stays light (no torch)."""
     if name == "get_features":
-        from medfm.evaluate.extract import get_features
+        from medfm.features.extract import get_features
 
         return get_features
     raise AttributeError(f"module 'medfm' has no attribute {name!r}")
