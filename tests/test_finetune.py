@@ -671,9 +671,11 @@ def test_predict_batches_across_volumes_with_the_same_results(binary_run, manife
         ("survival", {"label_column": None, "time_column": "time", "event_column": "event"}, {"c_index"}),
     ],
 )
-def test_regression_and_survival_end_to_end(tmp_path, manifest, cache_dir, task, data, metrics):
+def test_regression_and_survival_end_to_end(tmp_path, manifest, cache_dir, task, data, metrics, capfd):
     config, root = write_config(tmp_path, manifest, cache_dir, task=task, data=data)
     assert main(["finetune", "fit", "--config", str(config)]) == 0
+    printed = "".join(capfd.readouterr())
+    assert "GPU available" not in printed and "Total params" not in printed  # Lightning's notes need --verbose
     version = only_version(root)
     results = json.loads((version / "results.json").read_text())
     assert results["task"] == task and results["classes"] is None
@@ -753,3 +755,16 @@ def test_test_bootstrap_resamples_whole_patients(monkeypatch):
     assert patients["auroc"]["n_dropped"] == 200 - patients["auroc"]["n_resamples"] == 1
     assert rows["auroc"]["n_dropped"] == 0 and "dropped_note" not in patients["auroc"]
     assert (patients["auroc"]["low"], patients["auroc"]["high"]) != (rows["auroc"]["low"], rows["auroc"]["high"])
+
+
+def test_verbose_is_taken_out_of_the_arguments_and_restores_lightnings_notes():
+    import logging
+
+    from medfm.train.cli import lightning_verbosity
+
+    args, verbose = lightning_verbosity(["fit", "--config", "a.yaml", "--verbose"])
+    assert args == ["fit", "--config", "a.yaml"] and verbose
+    assert logging.getLogger("lightning.pytorch").level == logging.INFO
+    args, verbose = lightning_verbosity(["fit", "--config", "a.yaml"])
+    assert args == ["fit", "--config", "a.yaml"] and not verbose
+    assert logging.getLogger("lightning.pytorch").level == logging.WARNING

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,6 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from medfm.errors import CheckpointError, ConfigError, one_line
 from medfm.train.distributed import GlobalBatchNormSync, runs_on_cpu
@@ -224,6 +227,18 @@ def fit_summary(model: pl.LightningModule, card: str | Path) -> str:
     return f"test {test}; best {model.best}; model card {card}"
 
 
+def lightning_verbosity(args: list[str]) -> tuple[list[str], bool]:
+    """Take ``--verbose`` out of ``args``: without it Lightning's console notes (devices found, tips, model
+    summary, dataloader hints) are hidden and only its warnings, errors and progress bar remain."""
+    verbose = "--verbose" in args
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=PossibleUserWarning)
+    return [a for a in args if a != "--verbose"], verbose
+
+
 def launch(
     module: type[pl.LightningModule],
     data: type[pl.LightningDataModule],
@@ -237,6 +252,7 @@ def launch(
     """Run LightningCLI (``cli_class``) for ``module`` + ``data`` on ``args`` with medfm's defaults."""
     # sys.argv stays as it is ("medfm pretrain ..."): DDP relaunches the same command line in each process.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    args, verbose = lightning_verbosity(sys.argv[1:] if args is None else args)
     check_config_files(args)
     run_class = type(f"{cli_class.__name__}Run", (cli_class,), {"default_root": default_root})
     return run_class(
@@ -248,11 +264,15 @@ def launch(
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "use_distributed_sampler": False,  # medfm's EpochSampler shards each epoch over the ranks itself
+            "enable_model_summary": verbose,
             "callbacks": [
                 ModelCheckpoint(save_last="link", every_n_epochs=1),  # last.ckpt links the one kept file
                 LearningRateMonitor(logging_interval="step"),
                 *(callbacks or []),
             ],
         },
-        parser_kwargs={"prog": prog, "description": description or None},
+        parser_kwargs={
+            "prog": prog,
+            "description": f"{description} Lightning's console notes are shown with --verbose.".strip(),
+        },
     )
