@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import threading
@@ -258,3 +259,98 @@ def test_cli_weights_download_404_is_one_line_error(server, capsys):
 def test_cli_weights_download_model_without_weights(capsys):
     assert main(["weights", "download", "resnet10-3d", "--quiet"]) == 2
     assert "has no published weights" in capsys.readouterr().err
+
+
+OTHER = np.random.default_rng(7).bytes(300_000)
+OTHER_SHA = hashlib.sha256(OTHER).hexdigest()
+
+
+@pytest.fixture
+def other_server() -> Iterator[Server]:
+    """Serves OTHER (another file of the same size) at /w.bin: the host replaced its weights."""
+    yield from serve(honour_range=True, content=OTHER)
+
+
+def unpinned(server: Server) -> hub.WeightsSpec:
+    """A spec without a published hash or size, as FMCIB, RadiologyNET, MoCo and SwAV are registered."""
+    return hub.WeightsSpec(filename="w.torch", url=server.url())
+
+
+def test_first_download_of_an_unpinned_file_records_its_hash(server):
+    path = hub.download(unpinned(server), progress=False)
+    record = json.loads(hub.pin_path(path).read_text())
+    assert hub.pin_path(path) == path.with_name("w.torch.sha256.json")
+    assert {k: record[k] for k in ("filename", "sha256", "size", "url")} == {
+        "filename": "w.torch",
+        "sha256": SHA,
+        "size": len(PAYLOAD),
+        "url": server.url(),
+    }
+    assert hub.resolve(unpinned(server), "m") == path  # the same file loads
+
+
+def test_a_published_hash_needs_no_record(server):
+    path = hub.download(spec_for(server), progress=False)
+    assert not hub.pin_path(path).exists()
+
+
+def test_a_later_download_that_differs_is_refused(server, other_server):
+    path = hub.download(unpinned(server), progress=False)
+    recorded = hub.pin_path(path).read_text()
+    path.unlink()  # the weights are fetched again; the host now serves another file
+    with pytest.raises(WeightsError) as info:
+        hub.download(unpinned(other_server), progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{path.with_name('w.torch.part')}: SHA-256 {OTHER_SHA} differs from {SHA}, recorded ")
+    assert "--trust-new-hash" in message and "MEDFM_TRUST_NEW_HASH=1" in message
+    assert not path.exists() and not path.with_name("w.torch.part").exists()
+    assert hub.pin_path(path).read_text() == recorded  # the record is kept
+
+    assert hub.download(unpinned(other_server), progress=False, trust_new_hash=True).read_bytes() == OTHER
+    assert json.loads(hub.pin_path(path).read_text())["sha256"] == OTHER_SHA
+
+
+def test_a_replaced_cached_file_is_refused_at_load(server, monkeypatch):
+    monkeypatch.delenv("MEDFM_TRUST_NEW_HASH", raising=False)
+    spec = unpinned(server)
+    path = hub.download(spec, progress=False)
+    path.write_bytes(OTHER)
+    with pytest.raises(WeightsError, match=f"SHA-256 {OTHER_SHA} differs from {SHA}"):
+        hub.resolve(spec, "m")
+    monkeypatch.setenv("MEDFM_TRUST_NEW_HASH", "1")
+    assert hub.resolve(spec, "m") == path
+    assert json.loads(hub.pin_path(path).read_text())["sha256"] == OTHER_SHA
+    monkeypatch.delenv("MEDFM_TRUST_NEW_HASH")
+    assert hub.resolve(spec, "m") == path  # now the recorded file
+
+
+def test_a_file_placed_by_hand_is_pinned_at_first_load(tmp_path):
+    spec = hub.WeightsSpec(filename="hand.pt", url="https://example.org/hand.pt")
+    path = hub.cached_path(spec)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(PAYLOAD)
+    assert hub.resolve(spec, "m") == path
+    assert json.loads(hub.pin_path(path).read_text())["sha256"] == SHA
+
+
+def test_cli_trust_new_hash(server, other_server, tmp_path, capsys):
+    path = tmp_path / "home" / "weights" / "model_weights.torch"
+    assert main(["weights", "download", "fmcib-resnet50", "--url", server.url(), "--quiet"]) == 0
+    path.unlink()
+    capsys.readouterr()
+    assert main(["weights", "download", "fmcib-resnet50", "--url", other_server.url(), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medfm: error: ") and "--trust-new-hash" in lines[0]
+    assert not path.exists()
+    args = ["weights", "download", "fmcib-resnet50", "--url", other_server.url(), "--trust-new-hash", "--quiet"]
+    assert main(args) == 0
+    assert path.read_bytes() == OTHER
+    assert f"(SHA-256 {OTHER_SHA})" in capsys.readouterr().out
+
+
+def test_sha256_is_recomputed_when_the_file_changes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"one")
+    first = hub.sha256_of(path)
+    path.write_bytes(b"two, longer")
+    assert hub.sha256_of(path) == hashlib.sha256(b"two, longer").hexdigest() != first

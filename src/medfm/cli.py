@@ -144,7 +144,7 @@ def _weights(args: argparse.Namespace) -> None:
         from dataclasses import replace
 
         spec = replace(spec, url=args.url)
-    path = hub.download(spec, progress=not args.quiet)
+    path = hub.download(spec, progress=not args.quiet, trust_new_hash=args.trust_new_hash or None)
     print(f"{args.name}: {path} (SHA-256 {hub.sha256_of(path)})")
 
 
@@ -478,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "download"])
     p.add_argument("name", nargs="?")
     p.add_argument("--url", help="download from this URL instead of the registry's")
+    p.add_argument(
+        "--trust-new-hash",
+        action="store_true",
+        help="accept a file whose SHA-256 differs from the one recorded at its first download (and record it)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_weights)
 

@@ -1,13 +1,18 @@
 """The weight cache and downloads: resumable, with a progress bar, verified by size and SHA-256.
 
 Nothing here touches the network unless :func:`download` is called; a missing file is an error that names
-the file, the URL and the command that fetches it.
+the file, the URL and the command that fetches it. A file whose SHA-256 the registry does not pin (FMCIB,
+RadiologyNET, MoCo, SwAV, ...) is pinned on first use: the hash of the first verified copy is recorded beside it
+(``FILE.sha256.json``), and a later file that differs is refused unless the user trusts it
+(``medfm weights download NAME --trust-new-hash``, or ``MEDFM_TRUST_NEW_HASH=1`` when loading).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -42,13 +47,67 @@ def cached_path(spec: WeightsSpec) -> Path:
     return medfm_home() / "weights" / spec.filename
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256: a file hashed once per process
+
+
 def sha256_of(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, hex (remembered for the process while the file's size and modification time stay)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+TRUST_NEW_HASH_ENV = "MEDFM_TRUST_NEW_HASH"
+
+
+def pin_path(weights: str | os.PathLike[str]) -> Path:
+    """Where the first verified SHA-256 of a weight file without a published hash is recorded: beside it."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + ".sha256.json")
+
+
+def check_pinned(path: Path, spec: WeightsSpec, pin: Path, trust_new: bool | None = None) -> str:
+    """Pin a weight file whose hash the registry does not publish; returns its SHA-256.
+
+    The first verified file's hash is recorded in ``pin``; a later file whose hash differs is refused, unless
+    ``trust_new`` (default: ``$MEDFM_TRUST_NEW_HASH``), which records the new hash instead.
+    """
+    got = sha256_of(path)
+    if spec.sha256 is not None:  # the registry pins it: verify() checks it
+        return got
+    if trust_new is None:
+        trust_new = os.environ.get(TRUST_NEW_HASH_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    try:
+        recorded = json.loads(pin.read_text()) if pin.is_file() else None
+    except (OSError, ValueError):
+        recorded = None  # an unreadable record pins nothing; the file is pinned again below
+    if isinstance(recorded, dict) and recorded.get("sha256") not in (None, got) and not trust_new:
+        raise WeightsError(
+            f"{path}: SHA-256 {got} differs from {recorded['sha256']}, recorded when {spec.filename} was first "
+            f"verified ({recorded.get('recorded', 'an earlier run')}, from {recorded.get('url', spec.url)}): the "
+            f"file published at {spec.url} changed or the cached copy was replaced. If you trust the new file, "
+            f"download it with `medfm weights download MODEL --trust-new-hash` (or load it with "
+            f"{TRUST_NEW_HASH_ENV}=1)"
+        )
+    if not isinstance(recorded, dict) or recorded.get("sha256") != got:
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "filename": spec.filename,
+            "sha256": got,
+            "size": path.stat().st_size,
+            "url": spec.url,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = pin.with_name(pin.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, pin)
+    return got
 
 
 def verify(path: Path, spec: WeightsSpec) -> None:
@@ -63,8 +122,8 @@ def verify(path: Path, spec: WeightsSpec) -> None:
             raise WeightsError(f"{path}: SHA-256 {got} does not start with {spec.sha256_prefix} (from {spec.url})")
 
 
-def resolve(spec: WeightsSpec, model_name: str) -> Path:
-    """The cached weight file of a model, or a clear error saying how to get it."""
+def resolve(spec: WeightsSpec, model_name: str, trust_new_hash: bool | None = None) -> Path:
+    """The cached weight file of a model (checked against its recorded hash), or a clear error saying how to get it."""
     path = cached_path(spec)
     if not path.is_file():
         pin = f", SHA-256 {spec.sha256}" if spec.sha256 else ""
@@ -74,6 +133,7 @@ def resolve(spec: WeightsSpec, model_name: str) -> Path:
             f"weights for {model_name} not found at {path} (URL {spec.url}{pin}). "
             f"Download them with `medfm weights download {model_name}`, or pass --weights PATH"
         )
+    check_pinned(path, spec, pin_path(path), trust_new_hash)
     return path
 
 
@@ -85,14 +145,23 @@ def _manual(spec: WeightsSpec, dest: Path) -> str:
 
 
 def download(
-    spec: WeightsSpec, dest: str | os.PathLike[str] | None = None, progress: bool = True, timeout: float = 60.0
+    spec: WeightsSpec,
+    dest: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    trust_new_hash: bool | None = None,
 ) -> Path:
-    """Download a weight file into the cache, resuming a partial ``.part`` file, then verify it."""
+    """Download a weight file into the cache, resuming a partial ``.part`` file, then verify it.
+
+    Without a published SHA-256 the first verified file's hash is recorded and a later file that differs is
+    refused unless ``trust_new_hash`` (see :func:`check_pinned`).
+    """
     dest = Path(dest) if dest else cached_path(spec)
     if spec.convert and not dest.is_file():
         raise WeightsError(_manual(spec, dest))
     if dest.is_file():
         verify(dest, spec)
+        check_pinned(dest, spec, pin_path(dest), trust_new_hash)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -139,6 +208,7 @@ def download(
                 )
     try:
         verify(part, spec)
+        check_pinned(part, spec, pin_path(dest), trust_new_hash)
     except WeightsError:
         part.unlink()
         raise
