@@ -729,18 +729,16 @@ def test_test_bootstrap_resamples_whole_patients(monkeypatch):
     rng = np.random.default_rng(0)
     p = rng.random(12)
     y = (p + rng.normal(0, 0.3, 12) > 0.5).astype(float)
-    outputs = [
-        {
-            "loss": torch.zeros(1),
-            "output": torch.from_numpy(np.stack([1 - p, p], 1)).float(),
-            "target": torch.from_numpy(y[:, None]).float(),
-            "index": torch.arange(12),
-        }
-    ]
+    outputs = {
+        "loss": torch.zeros(()),
+        "output": torch.from_numpy(np.stack([1 - p, p], 1)).float(),
+        "target": torch.from_numpy(y[:, None]).float(),
+        "index": torch.arange(12),
+    }
 
     def run(codes):
         module._trainer = None if codes is None else SimpleNamespace(datamodule=SimpleNamespace(group_codes=codes))
-        module._outputs["test"] = list(outputs)
+        module.collect("test", outputs)
         module.on_test_epoch_end()
         module._trainer = None
         return module.test_results

@@ -205,12 +205,15 @@ class MatchedDetections:
         return out
 
 
-def map_metric(thresholds: Sequence[float] = RSNA_THRESHOLDS) -> object:
+def map_metric(thresholds: Sequence[float] = RSNA_THRESHOLDS, sync: bool = True) -> object:
     """torchmetrics' MeanAveragePrecision at ``thresholds`` with per-class AP, on the faster-coco-eval backend
-    (pycocotools when only that one is installed)."""
+    (pycocotools when only that one is installed); ``sync=False``: it computes on this process's images only
+    (for images already gathered from every rank)."""
     import importlib.util
 
     from torchmetrics.detection import MeanAveragePrecision
 
     backend = "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
-    return MeanAveragePrecision(box_format="xyxy", iou_thresholds=list(thresholds), class_metrics=True, backend=backend)
+    return MeanAveragePrecision(
+        box_format="xyxy", iou_thresholds=list(thresholds), class_metrics=True, backend=backend, sync_on_compute=sync
+    )

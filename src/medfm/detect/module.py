@@ -3,20 +3,23 @@
 Training minimises the detector's own losses (Faster R-CNN: RPN objectness and box regression + box classifier
 and regression; RetinaNet: focal classification + box regression). Each validation epoch logs torchmetrics'
 COCO-style mAP at the IoU thresholds (default 0.40…0.75, the RSNA challenge's thresholds) as ``val/map``, plus
-``val/map_50``, ``val/map_75``, ``val/mar`` and the AP of every class (``val/ap_<class>``); torchmetrics gathers the states of
-every rank before computing. The best ``val/map`` weights are restored at the end of fit; the test images are
-scored once, with percentile bootstrap CIs over images (:class:`medfm.detect.metrics.MatchedDetections`): the
-COCO-style mAP (``map``, also ``map_40_75``) and, apart from it, the Kaggle RSNA pneumonia score (``rsna_score``).
+``val/map_50``, ``val/map_75``, ``val/mar`` and the AP of every class (``val/ap_<class>``), computed on the
+detections of every rank, each image once. The best ``val/map`` weights are restored at the end of fit; the test
+images are scored once, with percentile bootstrap CIs over images (:class:`medfm.detect.metrics.MatchedDetections`):
+the COCO-style mAP (``map``, also ``map_40_75``) and, apart from it, the Kaggle RSNA pneumonia score
+(``rsna_score``). The skeleton (gathering, history, best weights, optimiser) is
+:class:`medfm.train.task.EvaluatedTask`.
 """
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 
 from medfm.detect.metrics import (
     RSNA_SCORE_THRESHOLD,
@@ -27,9 +30,7 @@ from medfm.detect.metrics import (
 )
 from medfm.detect.model import make_detector
 from medfm.errors import ConfigError
-from medfm.train.callbacks import fit_callbacks
-from medfm.train.optim import grouped_optimizer
-from medfm.train.sampler import world
+from medfm.train.task import EvaluatedTask, Rows
 
 DEFAULT_INPUT = {"size": [224, 224], "channels": 1, "mean": [0.0], "std": [1.0]}
 
@@ -39,7 +40,7 @@ def _say(text: str) -> None:
     print(text)
 
 
-class DetectModule(pl.LightningModule):
+class DetectModule(EvaluatedTask):
     """Train a Faster R-CNN or RetinaNet with an FPN on any registered 2D trunk (ResNet or DenseNet family).
 
     Args:
@@ -56,10 +57,12 @@ class DetectModule(pl.LightningModule):
             ``aspect_ratios``: height/width ratios of the anchors.
         fpn_channels, rpn_proposals, roi_samples, head_width, detections_per_image, score_threshold: see
             :func:`medfm.detect.model.build_detector`.
-        lr_trunk, lr_head: learning rates of the trunk and of the rest (FPN, RPN, heads); warm-up + cosine per step.
+        lr_trunk, lr_head: learning rates of the trunk and of the rest (FPN, RPN, heads).
         patience: early stopping on ``val/map`` (None: none). ``iou_thresholds``: of the headline mAP.
-        n_bootstrap: resamples of the test CIs. rsna_score_threshold: the confidence at or above which a test
-            detection counts in ``rsna_score`` (the Kaggle RSNA pneumonia score; mAP uses every detection).
+        rsna_score_threshold: the confidence at or above which a test detection counts in ``rsna_score`` (the
+            Kaggle RSNA pneumonia score; mAP uses every detection).
+        optimizer, weight_decay, momentum, warmup_epochs, final_lr_ratio, n_bootstrap: as
+            :class:`medfm.train.task.EvaluatedTask`.
     """
 
     def __init__(
@@ -79,22 +82,16 @@ class DetectModule(pl.LightningModule):
         head_width: int = 256,
         detections_per_image: int = 100,
         score_threshold: float = 0.05,
-        optimizer: str = "adamw",
         lr_trunk: float = 1e-4,
         lr_head: float = 1e-3,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        final_lr_ratio: float = 0.0,
         patience: int | None = None,
         iou_thresholds: list[float] | None = None,
-        n_bootstrap: int = 1000,
         rsna_score_threshold: float = RSNA_SCORE_THRESHOLD,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if not classes:
             raise ConfigError("model.classes is empty: give the class names (`medfm detect fit` takes them from data)")
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         spec = {**DEFAULT_INPUT, **(input_spec or {})}
         self.detector, self.init_report, self.frozen = make_detector(
             arch,
@@ -119,111 +116,88 @@ class DetectModule(pl.LightningModule):
         if self.init_report is not None:
             _say(f"trunk init from {init}:\n{self.init_report.summary()}")
         self.thresholds = tuple(iou_thresholds or RSNA_THRESHOLDS)
-        self.val_map = map_metric(self.thresholds)
         self.monitor, self.mode = "val/map", "max"
-        self.history: list[dict[str, float]] = []
-        self.best: dict[str, float] = {}
-        self.test_results: dict[str, dict] = {}
         self.test_per_class: dict[str, dict[str, float]] = {}
-        self._test_records: list[tuple[int, ImageResult]] = []
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections (``boxes`` xyxy in input pixels, ``scores``, ``labels`` as class indices) of images."""
         outputs = self.detector(images)
         return [{**o, "labels": o["labels"] - 1} for o in outputs]
 
-    def on_train_epoch_start(self) -> None:
-        """Frozen blocks stay in eval mode: their batch-norm statistics do not drift."""
-        body = self.detector.backbone.body
+    def trunk_module(self) -> nn.Module:
+        """The trunk (``lr_trunk``; the FPN, RPN and heads train at ``lr_head``)."""
+        return self.detector.backbone.body
+
+    def frozen_modules(self) -> Iterator[nn.Module]:
+        """The trunk's frozen blocks that the detector keeps (a block after the last tapped stage is not kept)."""
         for name in self.frozen:
             try:
-                body.get_submodule(name).eval()
-            except AttributeError:  # a block after the last tapped stage is not part of the detector
+                yield self.detector.backbone.body.get_submodule(name)
+            except AttributeError:
                 continue
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The sum of the detector's losses on one batch."""
         losses = self.detector(batch["images"], batch["targets"])
         loss = sum(losses.values())
-        n = len(batch["images"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log_train_loss(loss, len(batch["images"]))
         for name, value in losses.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+            self.log_train_loss(value, len(batch["images"]), f"train/{name}")
         return loss
 
-    def _detections(self, batch: dict) -> tuple[list[dict], list[dict]]:
-        preds = [
-            {"boxes": o["boxes"].float(), "scores": o["scores"].float(), "labels": o["labels"]}
-            for o in self(batch["images"])
+    def evaluate(self, batch: dict, stage: str) -> dict[str, Any]:
+        """Every image's detections and true boxes (numpy), for the mAP and the bootstrap."""
+        truth = batch["targets"]
+        images = [
+            ImageResult(
+                o["boxes"].float().cpu().numpy(),
+                o["scores"].float().cpu().numpy(),
+                o["labels"].cpu().numpy(),
+                t["boxes"].float().cpu().numpy(),
+                (t["labels"] - 1).cpu().numpy(),
+            )
+            for o, t in zip(self(batch["images"]), truth)
         ]
-        truth = [{"boxes": t["boxes"].float(), "labels": t["labels"] - 1} for t in batch["targets"]]
-        return preds, truth
+        return {"index": batch["index"], "image": images}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Add the batch's detections to the running mAP."""
-        preds, truth = self._detections(batch)
-        self.val_map.update(preds, truth)
-
-    def on_validation_epoch_end(self) -> None:
-        """Log mAP (over the thresholds), mAP@0.5, mAP@0.75, recall and per-class AP; keep them in ``history``."""
-        result = self.val_map.compute()
-        self.val_map.reset()
+    def validation_metrics(self, rows: Rows) -> dict[str, float]:
+        """torchmetrics' mAP (over the thresholds), mAP@0.5, mAP@0.75, recall and per-class AP of the images."""
+        metric = map_metric(self.thresholds, sync=False)  # the rows come from every rank already
+        for r in rows["image"]:
+            metric.update(
+                [
+                    {
+                        "boxes": torch.from_numpy(r.boxes),
+                        "scores": torch.from_numpy(r.scores),
+                        "labels": torch.from_numpy(r.labels),
+                    }
+                ],
+                [{"boxes": torch.from_numpy(r.true_boxes), "labels": torch.from_numpy(r.true_labels)}],
+            )
+        result = metric.compute()
         metrics = {
             "map": float(result["map"]),
             "map_50": float(result["map_50"]),
             "map_75": float(result["map_75"]),
             "mar": float(result["mar_100"]),
         }
-        per_class = result["map_per_class"].reshape(-1)
-        classes = result["classes"].reshape(-1)
-        for k, value in zip(classes.tolist(), per_class.tolist()):
+        for k, value in zip(result["classes"].reshape(-1).tolist(), result["map_per_class"].reshape(-1).tolist()):
             if 0 <= k < len(self.hparams.classes):
                 metrics[f"ap_{self.hparams.classes[k]}"] = float(value)
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name == "map", sync_dist=False)
-        if not self.trainer.sanity_checking:
-            self.history.append({"epoch": self.current_epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+        return metrics
 
-    def on_train_epoch_end(self) -> None:
-        """Add the epoch's training loss to its row of ``history`` (validation ran just before)."""
-        train_loss = self.trainer.callback_metrics.get("train/loss_epoch")
-        if self.history and self.history[-1]["epoch"] == self.current_epoch and train_loss is not None:
-            self.history[-1]["train/loss"] = float(train_loss)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """Keep every test image's detections and true boxes (numpy) for the bootstrap."""
-        preds, truth = self._detections(batch)
-        for index, p, t in zip(batch["index"].tolist(), preds, truth):
-            record = ImageResult(
-                p["boxes"].cpu().numpy(),
-                p["scores"].cpu().numpy(),
-                p["labels"].cpu().numpy(),
-                t["boxes"].cpu().numpy(),
-                t["labels"].cpu().numpy(),
-            )
-            self._test_records.append((index, record))
-
-    def on_test_epoch_end(self) -> None:
-        """mAP, mAP@0.5, mAP@0.75, recall and the RSNA score of the test images with bootstrap CIs; per-class AP."""
-        records = self._test_records
-        self._test_records = []
-        if world()[1] > 1:  # every rank scored a share of the images: gather them all
-            parts: list = [None] * world()[1]
-            dist.all_gather_object(parts, records)
-            records = [r for part in parts for r in part]
-        unique = dict(sorted(records, key=lambda r: r[0]))
-        results = [unique[k] for k in sorted(unique)]
+    def test_metrics(self, rows: Rows) -> dict[str, dict]:
+        """mAP, mAP@0.5, mAP@0.75, recall and the RSNA score with bootstrap CIs over images; per-class AP and
+        recall (``test_per_class``)."""
+        results = rows["image"]
         matched = MatchedDetections(
             results,
             len(self.hparams.classes),
             self.thresholds,
             score_threshold=self.hparams.get("rsna_score_threshold", RSNA_SCORE_THRESHOLD),
         )
-        self.test_results = matched.bootstrap(self.hparams.n_bootstrap, seed=0)
-        self.test_results["n"] = {
-            "value": float(len(results)),
-            "boxes": int(sum(len(r.true_labels) for r in results)),
-        }
+        test = matched.bootstrap(self.hparams.n_bootstrap, seed=0)
+        test["n"] = {"value": float(len(results)), "boxes": int(sum(len(r.true_labels) for r in results))}
         ap, recall = matched.per_class()
         at_50 = self.thresholds.index(0.5) if 0.5 in self.thresholds else None
         self.test_per_class = {
@@ -235,26 +209,4 @@ class DetectModule(pl.LightningModule):
             }
             for k, name in enumerate(self.hparams.classes)
         }
-        for name, interval in self.test_results.items():
-            if name != "n":
-                self.log(f"test/{name}", float(interval["value"]), sync_dist=False)
-
-    def configure_optimizers(self) -> dict:
-        """Trunk and the rest (FPN, RPN, heads) at their own rates; warm-up + cosine stepped every step."""
-        hp = self.hparams
-        trunk = {id(p) for p in self.detector.backbone.body.parameters()}
-        groups = [
-            {
-                "params": [p for p in self.detector.parameters() if p.requires_grad and id(p) in trunk],
-                "lr": hp.lr_trunk,
-            },
-            {
-                "params": [p for p in self.detector.parameters() if p.requires_grad and id(p) not in trunk],
-                "lr": hp.lr_head,
-            },
-        ]
-        return grouped_optimizer(self.trainer, groups, hp, hp.lr_head)
-
-    def configure_callbacks(self) -> list[Callback]:
-        """Best-weight restoring on ``val/map``, and early stopping when ``patience`` is set."""
-        return fit_callbacks(self.monitor, self.mode, self.hparams.patience)
+        return test

@@ -4,19 +4,18 @@ FMCIB's three supervised approaches are three ``init`` values: ``random`` (super
 or supervised checkpoint (supervised transfer), and the foundation model (``published`` or a registered name).
 ``freeze`` keeps the trunk (or its blocks up to one) fixed. Tasks: binary (one logit, BCE), multiclass (softmax),
 regression (MSE) and survival (Cox partial likelihood over the global batch). Validation metrics are logged every
-epoch and kept in ``history``; the best weights are restored at the end of fit (:class:`medfm.train.callbacks.BestWeights`); the test
-metrics carry bootstrap confidence intervals.
+epoch and kept in ``history``; the best weights are restored at the end of fit; the test metrics carry bootstrap
+confidence intervals (the skeleton of :class:`medfm.train.task.EvaluatedTask`).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from sklearn.metrics import classification_report
 from torch import nn
 
@@ -27,10 +26,9 @@ from medfm.models import hub
 from medfm.models.registry import build_trunk, get_entry, list_models
 from medfm.models.registry import trunk_args as resolve_trunk_args
 from medfm.models.transfer import transfer_weights
-from medfm.train.callbacks import fit_callbacks
-from medfm.train.distributed import gather, world
+from medfm.train.distributed import gather
 from medfm.train.freeze import freeze_blocks
-from medfm.train.optim import grouped_optimizer
+from medfm.train.task import EvaluatedTask, Rows
 
 TASKS = ("binary", "multiclass", "regression", "survival")
 MONITORS = {
@@ -79,7 +77,7 @@ def task_metrics(task: str, output: np.ndarray, target: np.ndarray, idx: np.ndar
     return {"c_index": concordance_index(target[:, 0], target[:, 1], output[:, 0])}
 
 
-class FinetuneModule(pl.LightningModule):
+class FinetuneModule(EvaluatedTask):
     """Fine-tune a trunk with an MLP head on a labelled task.
 
     Args:
@@ -94,9 +92,10 @@ class FinetuneModule(pl.LightningModule):
         head: widths after the trunk, the last being the output (FMCIB writes the trunk's width first:
             ``[4096, 2048, 8]``, accepted as is). Default: one linear layer.
         class_weights: ``balanced`` (inverse class frequency of the training rows) or one weight per class.
-        lr_trunk, lr_head: separate learning rates; schedules (warm-up + cosine) step every optimiser step.
+        lr_trunk, lr_head: separate learning rates of the trunk and the head.
         patience: early stopping on the validation metric (``monitor``, default by task); None: no early stop.
-        n_bootstrap: resamples of the test metrics' confidence intervals.
+        optimizer, weight_decay, momentum, warmup_epochs, final_lr_ratio, n_bootstrap: as
+            :class:`medfm.train.task.EvaluatedTask`.
     """
 
     def __init__(
@@ -112,21 +111,15 @@ class FinetuneModule(pl.LightningModule):
         head: list[int] | None = None,
         dropout: float = 0.0,
         class_weights: str | list[float] | None = None,
-        optimizer: str = "adamw",
         lr_trunk: float = 1e-4,
         lr_head: float = 1e-3,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        final_lr_ratio: float = 0.0,
         patience: int | None = 10,
         monitor: str | None = None,
-        n_bootstrap: int = 1000,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if task not in TASKS:
             raise ConfigError(f"task={task!r}; allowed {TASKS}")
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
         self.init_report = self._initialise(init, min_coverage)
         out_dim = num_classes if task == "multiclass" else 1
@@ -142,11 +135,7 @@ class FinetuneModule(pl.LightningModule):
         self.mode = (
             mode if monitor is None else ("min" if any(k in monitor for k in ("loss", "mae", "rmse")) else "max")
         )
-        self.history: list[dict[str, float]] = []
-        self.best: dict[str, float] = {}
-        self.test_results: dict[str, dict[str, float]] = {}
         self.test_report: dict[str, object] = {}
-        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {"val": [], "test": []}
         self._class_weights: torch.Tensor | None = None
 
     def _initialise(self, init: str, min_coverage: float) -> object | None:
@@ -172,15 +161,17 @@ class FinetuneModule(pl.LightningModule):
         """Freeze trunk blocks; returns the names of the frozen children."""
         return freeze_blocks(self.trunk, [name for name, _ in self.trunk.named_children()], freeze, "trunk")
 
-    def on_train_epoch_start(self) -> None:
-        """Frozen blocks stay in eval mode: their batch-norm statistics do not drift."""
-        for name in self.frozen:
-            getattr(self.trunk, name).eval()
+    def trunk_module(self) -> nn.Module:
+        """The trunk (``lr_trunk``; the head trains at ``lr_head``)."""
+        return self.trunk
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The trunk's frozen children."""
+        return [getattr(self.trunk, name) for name in self.frozen]
 
     def setup(self, stage: str) -> None:
         """Check the data's task is the model's; class weights from the training rows when ``balanced``."""
-        data = getattr(getattr(self, "_trainer", None), "datamodule", None)
-        data_task = getattr(getattr(data, "hparams", None), "task", self.hparams.task)
+        data_task = getattr(getattr(self.attached_data, "hparams", None), "task", self.hparams.task)
         if data_task != self.hparams.task:
             raise ConfigError(f"model.task is {self.hparams.task!r} but data.task is {data_task!r}: set both the same")
         weights = self.hparams.class_weights
@@ -226,75 +217,25 @@ class FinetuneModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimiser step's loss."""
         loss = self.loss(self(batch["views"][:, 0]), batch)
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(batch["views"]),
-        )
+        self.log_train_loss(loss, len(batch["views"]))
         return loss
 
-    def _collect(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        """Loss, outputs (probabilities, values or risks) and targets of an evaluation batch."""
         out = self(batch["views"][:, 0])
         target = batch["target"] if "target" in batch else batch["label"][:, None].float()
-        self._outputs[stage].append(
-            {
-                "loss": self.loss(out, batch).detach()[None],
-                "output": self.to_output(out).detach(),
-                "target": target.detach().float(),
-                "index": batch["index"].detach(),
-            }
-        )
+        return {"index": batch["index"], "loss": self.loss(out, batch), "output": self.to_output(out), "target": target}
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Collect outputs of the validation rows."""
-        self._collect(batch, "val")
+    def validation_metrics(self, rows: Rows) -> dict[str, float]:
+        """The task's metrics (:func:`task_metrics`) of the validation rows."""
+        return task_metrics(self.hparams.task, rows["output"], rows["target"])
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Collect outputs of the test rows."""
-        self._collect(batch, "test")
-
-    def _gathered(self, stage: str) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-        """Outputs and targets of a stage over every rank, each row once (ranks pad to equal shares)."""
-        parts = self._outputs[stage]
-        self._outputs[stage] = []
-        output = torch.cat([p["output"] for p in parts])
-        target = torch.cat([p["target"] for p in parts])
-        index = torch.cat([p["index"] for p in parts])
-        loss = torch.cat([p["loss"] for p in parts]).mean()
-        if world()[1] > 1:
-            output, target, index = (gather(t.contiguous()) for t in (output, target, index))
-            loss = gather(loss[None]).mean()
-        entries, first = np.unique(index.cpu().numpy(), return_index=True)
-        return output.cpu().numpy()[first], target.cpu().numpy()[first], float(loss), entries
-
-    def on_validation_epoch_end(self) -> None:
-        """Log the validation loss and metrics; keep them in ``history`` for the curves."""
-        if not self._outputs["val"]:
-            return
-        output, target, loss, _ = self._gathered("val")
-        metrics = {"loss": loss, **task_metrics(self.hparams.task, output, target)}
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name in ("loss", self.monitor.split("/")[-1]))
-        if not self.trainer.sanity_checking:
-            self.history.append({"epoch": self.current_epoch, **{f"val/{k}": v for k, v in metrics.items()}})
-
-    def on_train_epoch_end(self) -> None:
-        """Add the epoch's training loss to its row of ``history`` (validation ran just before)."""
-        train_loss = self.trainer.callback_metrics.get("train/loss_epoch")
-        if self.history and self.history[-1]["epoch"] == self.current_epoch and train_loss is not None:
-            self.history[-1]["train/loss"] = float(train_loss)
-
-    def on_test_epoch_end(self) -> None:
-        """Test metrics with percentile bootstrap CIs; whole patients are resampled when the data has groups."""
-        output, target, _, entries = self._gathered("test")
-        task = self.hparams.task
+    def test_metrics(self, rows: Rows) -> dict[str, dict]:
+        """Test metrics with percentile bootstrap CIs (whole patients resampled when the data has groups);
+        classification also keeps precision, recall, F1 and support per class in ``test_report``."""
+        output, target, task = rows["output"], rows["target"], self.hparams.task
         point = task_metrics(task, output, target)
-        codes = getattr(getattr(getattr(self, "_trainer", None), "datamodule", None), "group_codes", None)
-        groups = None if codes is None else np.asarray(codes)[entries]
+        groups = self.row_groups(rows.index)
         samples: dict[str, list[float]] = {name: [] for name in point}
 
         def resample(idx: np.ndarray) -> float:
@@ -306,29 +247,16 @@ class FinetuneModule(pl.LightningModule):
         with warnings.catch_warnings():  # resamples with one class: sklearn warns, those values are left out
             warnings.simplefilter("ignore")
             bootstrap_values(resample, len(target), groups, self.hparams.n_bootstrap, seed=0)
-        results = {}
-        for name, value in point.items():
-            asked = self.hparams.n_bootstrap  # resamples lacking a class are dropped; above 5% the CI says so
-            results[name] = percentile_interval(value, np.asarray(samples[name]), n_requested=asked).to_dict()
-            self.log(f"test/{name}", value)
+        asked = self.hparams.n_bootstrap  # resamples lacking a class are dropped; above 5% the CI says so
+        results = {
+            name: percentile_interval(value, np.asarray(samples[name]), n_requested=asked).to_dict()
+            for name, value in point.items()
+        }
         results["n"] = {"value": float(len(target)), "patients": None if groups is None else len(set(groups))}
-        self.test_results = results
-        if task in ("binary", "multiclass"):  # precision, recall, F1 and support per class
+        if task in ("binary", "multiclass"):
             y = target.reshape(len(target), -1)[:, 0].astype(int)
             labels = list(range(output.shape[1]))
             self.test_report = classification_report(
                 y, output.argmax(axis=1), labels=labels, output_dict=True, zero_division=0
             )
-
-    def configure_optimizers(self) -> dict:
-        """Separate learning rates for trunk and head; warm-up + cosine stepped every optimiser step."""
-        hp = self.hparams
-        groups = [
-            {"params": [p for p in self.trunk.parameters() if p.requires_grad], "lr": hp.lr_trunk},
-            {"params": list(self.head.parameters()), "lr": hp.lr_head},
-        ]
-        return grouped_optimizer(self.trainer, groups, hp, hp.lr_head)
-
-    def configure_callbacks(self) -> list[Callback]:
-        """Best-weight restoring, and early stopping when ``patience`` is set."""
-        return fit_callbacks(self.monitor, self.mode, self.hparams.patience)
+        return results
