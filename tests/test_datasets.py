@@ -90,8 +90,12 @@ def test_nan_voxels_around_a_seed_are_a_row_error_or_a_flagged_row(tmp_path, suf
     from medfm.data.io import Volume
 
     manifest, array, geometry = _nan_volume(tmp_path, suffix)
-    if suffix == ".nii.gz":  # what ITK does with NaN in NIfTI: 0, without a word; medfm reads the voxels itself
-        assert read_volume(manifest.paths[0]).array[12, 11, 10] == 0.0
+    if suffix == ".nii.gz":  # ITK reads NaN in NIfTI as 0 without a word; medfm reads the voxels itself and says so
+        with pytest.warns(UserWarning) as caught:
+            assert read_volume(manifest.paths[0]).array[12, 11, 10] == 0.0
+        assert [str(w.message) for w in caught] == [
+            f"{manifest.paths[0]}: 1 NaN/Inf voxels (first at voxel (10, 11, 12)), which SimpleITK reads from NIfTI as 0"
+        ]
     item = VolumePatches(manifest, FMCIB)[0]
     assert item.errors == {
         0: "1 NaN/Inf voxel where the patch is sampled (first at voxel (10, 11, 12)); --non-finite pad reads them as "
@@ -191,7 +195,9 @@ def test_the_hounsfield_warning_says_what_it_saw(tmp_path):
     hu[30, 30, 30] = 60
     for name, array in (("hu.nii.gz", hu), ("u8.nii.gz", np.clip(hu, 0, 255).astype(np.uint8))):
         write_volume(array, geometry, tmp_path / name)
-        pd.DataFrame({"image_path": [name], "coordX": [30.0], "coordY": [30.0], "coordZ": [30.0]}).to_csv(tmp_path / "m.csv", index=False)
+        pd.DataFrame({"image_path": [name], "coordX": [30.0], "coordY": [30.0], "coordZ": [30.0]}).to_csv(
+            tmp_path / "m.csv", index=False
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             (item,) = iter_volume_items(read_manifest(tmp_path / "m.csv"), FMCIB)
@@ -204,4 +210,6 @@ def test_the_hounsfield_warning_says_what_it_saw(tmp_path):
                 f"rather than Hounsfield units; {expects} (first seen in {tmp_path / name})"
             ]
         else:
-            assert messages == [f"voxels are stored as 8-bit (uint8, 40..60), not Hounsfield units; {expects} (first seen in {tmp_path / name})"]
+            assert messages == [
+                f"voxels are stored as 8-bit (uint8, 40..60), not Hounsfield units; {expects} (first seen in {tmp_path / name})"
+            ]

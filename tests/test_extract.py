@@ -327,3 +327,29 @@ def test_unknown_precision_and_on_error(demo, tmp_path):
         run(demo.manifest, tmp_path / "a.parquet", precision="fp8")
     with pytest.raises(ValueError, match="on_error"):
         run(demo.manifest, tmp_path / "b.parquet", on_error="ignore")
+
+
+def test_a_gapped_series_is_a_row_error_or_a_flagged_row_with_irregular_series_resample(tmp_path):
+    import json
+
+    from test_io import BROKEN, EVEN, HINT, SERIES_UID, write_stack
+
+    write_stack(tmp_path / "gapped", BROKEN["gap"][0])
+    full = write_stack(tmp_path / "full", EVEN)
+    pd.DataFrame({"image_path": ["gapped"], "coordX": [-4.0], "coordY": [-3.0], "coordZ": [27.5]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
+    manifest = read_manifest(tmp_path / "m.csv")
+    skipped = run(manifest, tmp_path / "skip.parquet", on_error="skip")
+    assert skipped.errors == {0: f"series {SERIES_UID}: {BROKEN['gap'][1]}{HINT} (irregular_series='resample')"}
+    result = run(manifest, tmp_path / "f.parquet", irregular_series="resample")
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["irregular_series"] == "resample"
+    assert sidecar["flagged_rows"] == {
+        "0": f"read anyway: series {SERIES_UID}: {BROKEN['gap'][1]}; slices interpolated by position"
+    }
+    # the features are those of the same scan with its missing slice present (values linear in z: exact)
+    model = load_model(MODEL, None, seed=0).model.eval()
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(crop_patch(read_volume(full), (-4.0, -3.0, 27.5), get_profile("fmcib"))[None]))
+    np.testing.assert_allclose(pd.read_parquet(result.features)[FEATS].to_numpy()[0], expected.numpy()[0], rtol=1e-4, atol=1e-5)

@@ -449,3 +449,12 @@ def test_an_irregular_series_is_resampled_by_position_when_asked(tmp_path, case)
     np.testing.assert_array_equal(box.array, whole.array[7:13, 1:5, 2:7])
     assert box.geometry.origin == pytest.approx(g.index_to_world(np.array([2.0, 1.0, 7.0])))
     assert read_geometry(folder, irregular="resample") == g
+
+
+def test_slice_positions_rounded_to_a_tenth_of_a_millimetre_still_form_one_stack(tmp_path):
+    z = [round(0.625 * k, 1) for k in range(17)]  # 0.0, 0.6, 1.2, 1.9, 2.5, …: steps of 0.6 and 0.7 mm
+    folder = write_stack(tmp_path / "rounded", z)
+    stack = dicom_stack(folder)
+    assert stack.offsets is None and stack.irregularity is None
+    assert stack.geometry.spacing == (1.0, 1.0, 0.625) and stack.geometry.size == (14, 12, 17)
+    assert read_volume(folder).geometry == stack.geometry

@@ -7,6 +7,7 @@ Geometry follows ITK: ``world_LPS = origin + direction @ diag(spacing) @ index``
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from medfm.data.nifti import check_complete
+from medfm.data.nifti import check_complete, nonfinite_voxels
 from medfm.errors import VolumeError
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ def series_files(folder: str, series_uid: str | None) -> list[str]:
 
 
 STACK_TOLERANCE = 0.05  # of the slice step: how far a slice may sit from its place in an evenly spaced stack
+POSITION_TOLERANCE_MM = 0.06  # …but never less: positions are often written rounded to 0.1 mm (0.05 mm off)
 IRREGULAR_SERIES = ("refuse", "resample")  # what to do with a series that has gaps or changing slice spacing
 
 
@@ -228,7 +230,7 @@ def _stack_layout(folder: str, uid: str, chosen: list[tuple[str, Dataset]], irre
     dz = float(np.linalg.norm(step))
     expected = positions[0] + np.outer(np.arange(len(chosen)), step)
     ((rows, columns),) = shapes
-    if np.abs(positions - expected).max() <= STACK_TOLERANCE * dz:
+    if np.abs(positions - expected).max() <= max(STACK_TOLERANCE * dz, POSITION_TOLERANCE_MM):
         direction = np.column_stack([row, col, step / dz])  # ITK: the slice axis runs from the first file to the last
         geometry = Geometry((columns, rows, len(chosen)), (spacing_rc[1], spacing_rc[0], dz),
                             tuple(float(v) for v in positions[0]), tuple(direction.ravel().tolist()))  # fmt: skip
@@ -376,6 +378,12 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None, irre
             reader.ReadImageInformation()
             _check_header(reader, path)
             image = reader.Execute()
+            if (hidden := nonfinite_voxels(path)) is not None and len(hidden):
+                warnings.warn(
+                    f"{path}: {len(hidden)} NaN/Inf voxels (first at voxel {tuple(int(v) for v in hidden[0])}), which "
+                    "SimpleITK reads from NIfTI as 0",
+                    stacklevel=2,
+                )
     except RuntimeError as err:
         raise _unreadable(path, err) from None
     return _check_3d(image, path)
