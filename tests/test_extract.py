@@ -353,3 +353,38 @@ def test_a_gapped_series_is_a_row_error_or_a_flagged_row_with_irregular_series_r
     with torch.inference_mode():
         expected = model(torch.from_numpy(crop_patch(read_volume(full), (-4.0, -3.0, 27.5), get_profile("fmcib"))[None]))
     np.testing.assert_allclose(pd.read_parquet(result.features)[FEATS].to_numpy()[0], expected.numpy()[0], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_recomputes_rows_whose_inputs_changed(demo, tmp_path, monkeypatch):
+    """A seed moved 15 mm and two swapped rows are noticed by their row digests and computed again; the rest is
+    kept, and the table equals an uninterrupted run on the changed manifest."""
+    table = pd.read_csv(demo.manifest_path)
+    manifest = write_manifest(demo, table, "changing.csv")
+    out = tmp_path / "f.parquet"
+    original = FeatureRunner.__call__
+    calls: list[int] = []
+
+    def interrupt_after_two_batches(self, batch):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(batch.shape[0])
+        return original(self, batch)
+
+    monkeypatch.setattr(FeatureRunner, "__call__", interrupt_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        run(manifest, out, flush_every=1)
+    assert partial_rows(tmp_path / "f.partial")[0] == [0, 1, 2, 3, 4, 5]
+
+    changed = table.copy()
+    changed.loc[4, "coordZ"] += 15.0  # a seed moved 15 mm
+    changed.iloc[[1, 2]] = changed.iloc[[2, 1]].to_numpy()  # two rows swapped
+    assert not changed.iloc[1].equals(table.iloc[1])
+    manifest = write_manifest(demo, changed, "changing.csv")
+    monkeypatch.setattr(FeatureRunner, "__call__", original)
+    result = run(manifest, out, flush_every=1, resume=True)
+    assert result.n_computed == 5  # rows 1, 2 and 4 again, and the unfinished 6 and 7
+    fresh = run(manifest, tmp_path / "fresh.parquet")
+    assert fresh.n_computed == 8
+    got, want = pd.read_parquet(out), pd.read_parquet(tmp_path / "fresh.parquet")
+    pd.testing.assert_frame_equal(got.drop(columns=FEATS), want.drop(columns=FEATS))
+    np.testing.assert_allclose(got[FEATS].to_numpy(), want[FEATS].to_numpy(), atol=1e-5)

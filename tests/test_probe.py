@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from medfm.cli import main
-from medfm.errors import ManifestError
+from medfm.data.outputs import write_feature_table
+from medfm.errors import ManifestError, MedfmError
 from medfm.evaluate.features import feature_columns, read_labelled
 from medfm.evaluate.probe import compare, predict, run_probe
 
@@ -195,8 +196,83 @@ def test_predict_rows_are_source_rows_with_unlabelled(tmp_path):
 
 def test_predict_missing_feature_columns(tmp_path, separable_run):
     _, table, result = separable_run
-    with pytest.raises(ManifestError, match="lacks 1 of the probe's columns"):
+    with pytest.raises(
+        ManifestError, match=r"12 feature columns \(feat_0 … feat_11\); the table lacks 1 of them, e.g. \['feat_3'\]"
+    ):
         predict(result.probe, table.drop(columns=["feat_3"]), tmp_path / "p.csv")
+
+
+def _wider(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with twice the feature columns (another model's, wider features)."""
+    extra = pd.DataFrame(
+        np.zeros((len(table), N_FEATURES)), columns=[f"feat_{N_FEATURES + i}" for i in range(N_FEATURES)]
+    )
+    return pd.concat([table, extra], axis=1)
+
+
+def test_predict_refuses_a_table_with_more_feature_columns(tmp_path, separable_run):
+    _, table, result = separable_run
+    with pytest.raises(
+        ManifestError, match=r"fitted on 12 feature columns \(feat_0 … feat_11\); the table has 24 \(feat_0 … feat_23\)"
+    ):
+        predict(result.probe, _wider(table), tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_with_an_old_probe_refuses_on_the_number_of_columns(tmp_path, separable_run):
+    _, table, result = separable_run
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads(result.probe.read_text())
+    del meta["feature_columns"], meta["provenance"]  # saved before medfm recorded them
+    (old / "probe.json").write_text(json.dumps(meta))
+    (old / "probe.npz").write_bytes(result.probe.with_suffix(".npz").read_bytes())
+    with pytest.raises(ManifestError, match=r"fitted on 12 features; the table has 24 \(feat_0 … feat_23\)"):
+        predict(old / "probe.json", _wider(table), tmp_path / "p.csv")
+    assert len(pd.read_csv(predict(old / "probe.json", table, tmp_path / "p.csv"))) == len(table)
+
+
+def _extracted(table: pd.DataFrame, path: Path, model: str, sha: str | None) -> Path:
+    """``table`` written as ``medfm extract`` writes it: with a sidecar naming the model, weights and profile."""
+    columns = feature_columns(table)
+    profile = {"name": "fmcib", "version": "1", "description": "prose", "size": [50, 50, 50]}
+    sidecar = {"model": model, "weights_sha256": sha, "random_init_seed": None if sha else 0, "profile": profile}
+    return write_feature_table(table.drop(columns=columns), table[columns].to_numpy(), columns, path, sidecar)
+
+
+def test_probe_records_provenance_and_predict_refuses_another_models_table(tmp_path):
+    table = make_table(seed=3)
+    fitted_on = _extracted(table, tmp_path / "a.parquet", "fmcib-resnet50", "ab" * 32)
+    result = run_probe(fitted_on, "y", tmp_path / "out", **FAST)
+    meta = json.loads(result.probe.read_text())
+    assert meta["feature_columns"] == [f"feat_{i}" for i in range(N_FEATURES)]
+    assert meta["provenance"] == {
+        "model": "fmcib-resnet50",
+        "weights_sha256": "ab" * 32,
+        "random_init_seed": None,
+        "profile": {"name": "fmcib", "version": "1", "size": [50, 50, 50]},
+    }
+    same = _extracted(table, tmp_path / "same.parquet", "fmcib-resnet50", "ab" * 32)
+    assert len(pd.read_csv(predict(result.probe, same, tmp_path / "p.csv"))) == len(table)
+    other = _extracted(table, tmp_path / "b.parquet", "resnet10-3d", None)
+    with pytest.raises(ManifestError) as info:
+        predict(result.probe, other, tmp_path / "q.csv")
+    assert str(info.value) == (
+        f"the probe {result.probe} was fitted on features of fmcib-resnet50 (weights SHA-256 abababababab…, "
+        f"profile fmcib v1); the table {other} holds features of resnet10-3d (random weights, seed 0, "
+        "profile fmcib v1): extract them the same way"
+    )
+    assert not (tmp_path / "q.csv").exists()
+    with pytest.warns(UserWarning, match="no sidecar"):
+        predict(result.probe, table, tmp_path / "r.csv")  # a DataFrame: its provenance cannot be checked
+
+
+def test_a_stale_sidecar_is_refused(tmp_path):
+    table = make_table(seed=4)
+    path = _extracted(table, tmp_path / "a.parquet", "fmcib-resnet50", "ab" * 32)
+    table.iloc[:5].to_parquet(path, index=False)  # the table replaced, its sidecar left from the earlier one
+    with pytest.raises(MedfmError, match=r"a\.json describes another file than .*a\.parquet \(SHA-256 differs\)"):
+        run_probe(path, "y", tmp_path / "out", **FAST)
 
 
 def test_compare_with_itself_is_zero(separable_run):

@@ -103,3 +103,7 @@ def run_guarded(command: Callable[[], object], on_interrupt: str = "") -> int:
         )
         return 1
     return 0
+
+
+class OutputError(MedfmError):
+    """An output cannot be written (disk full, read-only folder, a folder where a file goes) or is in use."""

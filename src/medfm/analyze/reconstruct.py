@@ -194,7 +194,7 @@ def run_reconstruct(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"reconstructing with {model.name}", total=len(inputs) * iterations)
             for i, row in enumerate(inputs.rows):
-                kept = finished.get(f"{slug(model.name)}_row{row:05d}")
+                kept = finished.get(f"{slug(model.name)}_row{row:05d}", opened.row_digest(row))
                 if kept is not None:
                     used[model.name] = kept["layer"]
                     curves.append(pd.DataFrame(kept["curve"]))
@@ -217,7 +217,8 @@ def run_reconstruct(
                     result.images,
                     f"{model.name} · {result.layer} · row {row}",
                 )
-                finished.put(f"{slug(model.name)}_row{row:05d}", {"layer": result.layer, "curve": curve})
+                kept = {"layer": result.layer, "curve": curve}
+                finished.put(f"{slug(model.name)}_row{row:05d}", kept, opened.row_digest(row))
                 bar.advance(task, iterations)
     losses = pd.concat(curves, ignore_index=True)
     write_csv(losses, folder / "reconstruct_loss.csv")

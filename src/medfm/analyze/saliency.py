@@ -233,7 +233,7 @@ def run_saliency(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"saliency of {model.name}", total=len(inputs))
             for i, row in enumerate(inputs.rows):
-                kept = finished.get(f"{slug(model.name)}_row{row:05d}")
+                kept = finished.get(f"{slug(model.name)}_row{row:05d}", opened.row_digest(row))
                 if kept is not None:
                     records.extend(kept["records"])
                     bar.advance(task)
@@ -259,7 +259,7 @@ def run_saliency(
                     name = f"{slug(model.name)}_row{row:05d}.png"
                     save_overlays(folder / "overlays" / name, inputs.arrays[i], maps, f"{model.name} · row {row}")
                 records.extend(mine)
-                finished.put(f"{slug(model.name)}_row{row:05d}", {"records": mine})
+                finished.put(f"{slug(model.name)}_row{row:05d}", {"records": mine}, opened.row_digest(row))
                 bar.advance(task)
     per_image = pd.DataFrame(records)
     summary_rows = []

@@ -9,6 +9,8 @@ here, once; every other column travels through untouched. Whole-table problems r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -68,6 +70,13 @@ class Manifest:
         for row in range(len(self)) if rows is None else rows:
             groups.setdefault((self.paths[row], self.series_uid(row)), []).append(row)
         return [(path, uid, members) for (path, uid), members in groups.items()]
+
+    def row_digest(self, row: int) -> str:
+        """A SHA-256 of what a row's output is computed from (image path, series, LPS seed), so that a resumed run
+        notices a row that changed, moved or was swapped since its output was kept."""
+        seed = [repr(float(v)) for v in self.seeds_lps[row]]
+        text = json.dumps([self.paths[row], self.series_uid(row), seed])
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _infer_column(values: pd.Series) -> pd.Series:

@@ -3,34 +3,103 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from medfm.errors import OutputError
+
 if TYPE_CHECKING:
     from torch import nn
+
+
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}  # fmt: skip
+
+
+def write_errno(err: OSError) -> int | None:
+    """The errno of a failed write; pyarrow raises OSError with the number only in its message."""
+    if err.errno is not None:
+        return err.errno
+    found = re.search(r"\[Errno (\d+)\]", str(err))
+    return int(found.group(1)) if found else None
+
+
+def write_failure(path: str | os.PathLike[str], err: OSError, needed: int | None = None) -> OutputError:
+    """A failed write as one line naming the path, what went wrong and (where known) the bytes needed."""
+    reason = WRITE_ERRORS.get(write_errno(err) or 0, err.strerror or str(err))
+    if needed is not None:
+        reason += f"; it needs {_size(needed)}"
+    return OutputError(f"cannot write {path}: {reason}")
+
+
+def _size(n: int) -> str:
+    """Bytes as a short human size (``1.2 GB``)."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+@contextlib.contextmanager
+def atomic_paths(*dests: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """Yield a temporary path beside each of ``dests``; on success they replace their ``dests`` together.
+
+    When anything fails, every temporary file is removed and the ``dests`` are as they were. The later dests
+    (sidecars) are removed before the first is replaced, so a crash between the renames leaves a file without its
+    sidecar, never beside an earlier run's. Disk full, a read-only folder or a missing permission become an
+    :class:`OutputError` naming the path.
+    """
+    dests = [Path(d) for d in dests]
+    temps: list[str] = []
+    try:
+        for dest in dests:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            temps.append(tmp)
+        yield [Path(t) for t in temps]
+        for dest in dests[1:]:
+            dest.unlink(missing_ok=True)
+        for tmp, dest in zip(temps, dests):
+            os.replace(tmp, dest)
+    except OSError as err:
+        if write_errno(err) not in WRITE_ERRORS:
+            raise
+        where = next((d for d, t in zip(dests, temps) if err.filename in (t, str(d))), dests[0])
+        raise write_failure(where, err) from None
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one rename."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_paths(dest) as (tmp,):
+        yield tmp
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_weights(module: nn.Module, dest: str | os.PathLike[str]) -> Path:
@@ -43,41 +112,90 @@ def write_weights(module: nn.Module, dest: str | os.PathLike[str]) -> Path:
     return Path(dest)
 
 
-def write_table(table: pd.DataFrame, dest: str | os.PathLike[str]) -> Path:
-    """Write a table atomically as Parquet, or as CSV when the name ends in .csv."""
+def write_table(table: pd.DataFrame, dest: str | os.PathLike[str], sidecar: dict[str, Any] | None = None) -> Path:
+    """Write a table atomically as Parquet, or as CSV when the name ends in .csv; with ``sidecar``, the pair
+    (see :func:`write_with_sidecar`)."""
     dest = Path(dest)
-    with atomic_path(dest) as tmp:
+
+    def write(tmp: Path) -> None:
         if dest.suffix.lower() == ".csv":
             table.to_csv(tmp, index=False)
         else:
             table.to_parquet(tmp, index=False)
-    return dest
+
+    return write_with_sidecar(write, dest, sidecar)
 
 
 def write_feature_table(
-    table: pd.DataFrame, features: np.ndarray, columns: list[str], dest: str | os.PathLike[str]
+    table: pd.DataFrame,
+    features: np.ndarray,
+    columns: list[str],
+    dest: str | os.PathLike[str],
+    sidecar: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``table`` plus ``features`` as columns, atomically (Parquet built in Arrow: pandas is slow at 4096 columns)."""
+    """Write ``table`` plus ``features`` as columns, atomically (Parquet built in Arrow: pandas is slow at 4096
+    columns); with ``sidecar``, the table and its sidecar as one pair (see :func:`write_with_sidecar`)."""
     dest = Path(dest)
     if dest.suffix.lower() == ".csv":
         wide = pd.concat([table.reset_index(drop=True), pd.DataFrame(features, columns=columns)], axis=1)
-        return write_table(wide, dest)
+        return write_table(wide, dest, sidecar)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    base = pa.Table.from_pandas(table.reset_index(drop=True), preserve_index=False)
-    features = np.ascontiguousarray(features.T)
-    arrays = list(base.columns) + [pa.array(features[i]) for i in range(len(columns))]
-    with atomic_path(dest) as tmp:
+    def write(tmp: Path) -> None:
+        base = pa.Table.from_pandas(table.reset_index(drop=True), preserve_index=False)
+        by_column = np.ascontiguousarray(features.T)
+        arrays = list(base.columns) + [pa.array(by_column[i]) for i in range(len(columns))]
         pq.write_table(pa.Table.from_arrays(arrays, names=list(base.column_names) + list(columns)), tmp)
+
+    return write_with_sidecar(write, dest, sidecar)
+
+
+def write_with_sidecar(
+    write: Callable[[Path], None], dest: str | os.PathLike[str], sidecar: dict[str, Any] | None
+) -> Path:
+    """Call ``write(tmp)`` and install ``tmp`` as ``dest``, with ``sidecar`` (plus the file's SHA-256, which
+    :func:`read_sidecar` checks) as ``NAME.json``: both or neither, never a new file beside an old sidecar."""
+    dest = Path(dest)
+    if sidecar is None:
+        with atomic_path(dest) as tmp:
+            write(tmp)
+        return dest
+    with atomic_paths(dest, sidecar_path(dest)) as (tmp, tmp_sidecar):
+        write(tmp)
+        _dump_json({**sidecar, "file_sha256": file_sha256(tmp)}, tmp_sidecar)
     return dest
+
+
+def read_sidecar(dest: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The provenance beside an output (``NAME.json``), None when there is none; an error when it describes another
+    file than the one there now (its recorded SHA-256 differs: a stale sidecar)."""
+    path = sidecar_path(dest)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OutputError(f"{path}: the sidecar of {dest} cannot be read ({err})") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"{path}: the sidecar of {dest} is not a JSON object")
+    recorded = data.get("file_sha256")
+    if recorded is not None and recorded != file_sha256(dest):
+        raise OutputError(
+            f"{path} describes another file than {dest} (SHA-256 differs): a stale sidecar; write the output again"
+        )
+    return data
+
+
+def _dump_json(data: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_json(data: dict[str, Any], dest: str | os.PathLike[str]) -> Path:
     """Write JSON atomically."""
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        _dump_json(data, tmp)
     return dest
 
 
@@ -115,18 +233,17 @@ def write_errors(table: pd.DataFrame, errors: dict[int, str], dest: str | os.Pat
 
 class FinishedRows:
     """Results kept in a ``.partial`` folder as each row (image, case) finishes, so that an interrupted command goes
-    on from there with ``resume=True``; the settings must be the same. :meth:`close` removes them once the final
-    tables are written."""
+    on from there with ``resume=True``; the settings must be the same. Each row is kept with a digest of its inputs
+    (:meth:`medfm.data.manifest.Manifest.row_digest`): a row whose inputs changed since is computed again.
+    :meth:`close` removes them once the final tables are written."""
 
     def __init__(self, path: str | os.PathLike[str], settings: dict, resume: bool) -> None:
-        from medfm.errors import MedfmError
-
         self.path = Path(path)
         state = json.loads(json.dumps(settings, default=str))
         if resume and self.path.is_dir():
             saved = self.path / "state.json"
             if (json.loads(saved.read_text()) if saved.exists() else None) != state:
-                raise MedfmError(
+                raise OutputError(
                     f"{self.path} was made with other inputs or settings; run without --resume to start again"
                 )
             return
@@ -134,14 +251,17 @@ class FinishedRows:
         self.path.mkdir(parents=True)
         write_json(state, self.path / "state.json")
 
-    def get(self, key: str) -> dict | None:
-        """What an earlier run kept under ``key``, or None."""
+    def get(self, key: str, digest: str) -> dict | None:
+        """What an earlier run kept under ``key`` from inputs of this ``digest``, or None (not kept, or changed)."""
         file = self.path / f"{key}.json"
-        return json.loads(file.read_text()) if file.exists() else None
+        if not file.exists():
+            return None
+        kept = json.loads(file.read_text())
+        return kept["results"] if kept.get("digest") == digest else None
 
-    def put(self, key: str, results: dict) -> None:
-        """Keep one row's results (JSON-ready data) under ``key``."""
-        write_json(results, self.path / f"{key}.json")
+    def put(self, key: str, results: dict, digest: str) -> None:
+        """Keep one row's results (JSON-ready data) under ``key``, with the ``digest`` of its inputs."""
+        write_json({"digest": digest, "results": results}, self.path / f"{key}.json")
 
     def close(self) -> None:
         """Remove the kept rows: the command has written its tables."""

@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 
 from medfm.data.manifest import read_table
-from medfm.data.outputs import write_table
+from medfm.data.outputs import read_sidecar, write_table
 from medfm.data.splits import SPLIT_NAMES
 from medfm.errors import ManifestError
 
 PREFIXES = ("feat_", "pred_", "feature_")
+PROVENANCE_KEYS = ("model", "weights_sha256", "random_init_seed", "profile")
 # FMCIB's run.py layout: one CSV per split, in this order
 FMCIB_FILES = {"train": "train_features.csv", "val": "val_features.csv", "test": "test_features.csv"}
 FMCIB_PREFIXES = ("pred_", "feature_")
@@ -92,6 +93,28 @@ def feature_columns(table: pd.DataFrame, prefix: str | None = None) -> list[str]
             return sorted(columns, key=lambda c: int(c[len(p) :]))
     tried = prefix or " or ".join(PREFIXES)
     raise ManifestError(f"no feature columns named {tried}<number>; columns are {list(table.columns)[:12]}...")
+
+
+def table_provenance(path: str | os.PathLike[str] | pd.DataFrame) -> dict | None:
+    """What made a feature table (model, weight SHA-256, random-init seed, profile), from its sidecar; None when it
+    has none (a DataFrame, a table from elsewhere). A stale sidecar (of another table) is an error."""
+    if isinstance(path, pd.DataFrame) or os.path.isdir(path):  # a DataFrame, FMCIB's folder: no sidecar
+        return None
+    sidecar = read_sidecar(path)
+    if sidecar is None or "model" not in sidecar:
+        return None
+    found = {key: sidecar.get(key) for key in PROVENANCE_KEYS}
+    if isinstance(found["profile"], dict):  # the description is prose: only the settings identify a profile
+        found["profile"] = {k: v for k, v in found["profile"].items() if k != "description"}
+    return found
+
+
+def describe_provenance(provenance: dict) -> str:
+    """A feature table's provenance in a few words: model, weights, profile."""
+    sha = provenance.get("weights_sha256")
+    weights = f"weights SHA-256 {sha[:12]}…" if sha else f"random weights, seed {provenance.get('random_init_seed')}"
+    profile = provenance.get("profile") or {}
+    return f"{provenance.get('model')} ({weights}, profile {profile.get('name')} v{profile.get('version')})"
 
 
 def read_features(

@@ -188,8 +188,10 @@ class LinearProbe:
         path: str | os.PathLike[str],
         feature_columns: list[str] | None = None,
         imported_from: dict[str, object] | None = None,
+        provenance: dict | None = None,
     ) -> Path:
-        """Write ``path.npz`` (arrays) and ``path.json`` (everything else); no pickle anywhere.
+        """Write ``path.npz`` (arrays) and ``path.json`` (everything else, with the feature columns and the
+        ``provenance`` of the table it was fitted on: model, weight SHA-256, profile); no pickle anywhere.
 
         ``imported_from`` describes the file a probe was converted from (``medfm probe import``): it had no search.
         """
@@ -205,6 +207,7 @@ class LinearProbe:
             "scoring": self.scoring,
             "search": None if imported_from else self.search,
             "feature_columns": feature_columns,
+            "provenance": provenance,
         }
         if imported_from:
             meta["imported_from"] = imported_from
@@ -225,6 +228,7 @@ class LinearProbe:
             probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
         probe.classes_ = np.asarray(meta["classes"])
         probe.best_c_ = meta["best_c"]
+        probe.provenance_ = meta.get("provenance")
         return probe, meta.get("feature_columns")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from medfm.data.manifest import read_table
 from medfm.data.outputs import write_json, write_table
 from medfm.data.splits import make_splits
 from medfm.errors import ManifestError, MedfmError
-from medfm.evaluate.features import feature_columns, read_features, read_labelled
+from medfm.evaluate.features import (
+    describe_provenance,
+    feature_columns,
+    read_features,
+    read_labelled,
+    table_provenance,
+)
 from medfm.evaluate.linear import LinearProbe
 from medfm.evaluate.metrics import METRICS, Interval, bootstrap_ci, delong_test, paired_bootstrap
 from medfm.progress import progress_bar
@@ -56,8 +63,14 @@ def run_probe(
     progress: bool = True,
     train_fraction: float = 1.0,
     fraction_seed: int = 0,
+    provenance: dict | None = None,
 ) -> ProbeResult:
-    """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test."""
+    """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test.
+
+    The probe records the feature columns and what made them (the table's sidecar: model, weight SHA-256,
+    profile; or ``provenance`` given with a DataFrame), so that ``predict`` refuses another model's table.
+    """
+    provenance = table_provenance(features) if provenance is None else provenance
     data = read_labelled(features, label, group, feature_prefix, split_column)
     if not isinstance(features, pd.DataFrame) and os.path.isdir(features):
         split_column = split_column or "split"  # FMCIB's layout: the split is the file a row came from
@@ -83,7 +96,7 @@ def run_probe(
     metrics = {m: bootstrap_ci(m, y[test], proba, probe.classes_, test_groups, n_bootstrap, seed=seed) for m in METRICS}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    probe_path = probe.save(out / "probe", feature_columns=columns)
+    probe_path = probe.save(out / "probe", feature_columns=columns, provenance=provenance)
     predictions = pd.DataFrame({"row": data.rows[test], label: y[test]})
     if group:
         predictions[group] = groups[test]
@@ -184,14 +197,26 @@ def _plot_curves(
 def predict(
     probe_path: str | os.PathLike[str], features: str | os.PathLike[str] | pd.DataFrame, out: str | os.PathLike[str]
 ) -> Path:
-    """Apply a saved probe to a feature table; writes the table's other columns + class probabilities."""
+    """Apply a saved probe to a feature table; writes the table's other columns + class probabilities.
+
+    The table must hold exactly the probe's feature columns and, where both record it, come from the same model,
+    weights and profile: anything else is refused, naming both.
+    """
     probe, columns = LinearProbe.load(probe_path)
-    # the probe's own columns, not the default feat_/pred_ ones: a probe fitted with --feature-prefix works too
     table = features if isinstance(features, pd.DataFrame) else read_table(features)
-    columns = columns or feature_columns(table)
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ManifestError(f"feature table lacks {len(missing)} of the probe's columns, e.g. {missing[:3]}")
+    columns = _check_columns(probe, columns, table)
+    fitted, given = getattr(probe, "provenance_", None), table_provenance(features)
+    if fitted and given and fitted != given:
+        raise ManifestError(
+            f"the probe {probe_path} was fitted on features of {describe_provenance(fitted)}; the table "
+            f"{features} holds features of {describe_provenance(given)}: extract them the same way"
+        )
+    if fitted and not given:
+        warnings.warn(
+            f"the probe was fitted on features of {describe_provenance(fitted)}; the table has no sidecar "
+            "(NAME.json), so that it comes from the same model cannot be checked",
+            stacklevel=2,
+        )
     x = table[columns].to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
@@ -202,6 +227,35 @@ def predict(
         result[f"proba_{c}"] = proba[:, k]
     result["predicted"] = probe.classes_[np.argmax(proba, axis=1)]
     return write_table(result, out)
+
+
+def _check_columns(probe: LinearProbe, recorded: list[str] | None, table: pd.DataFrame) -> list[str]:
+    """The feature columns to apply ``probe`` to: the table's must be exactly the ones it was fitted on."""
+    n_fitted = int(np.asarray(probe.coef_).shape[-1])
+    if recorded is None:  # a probe saved before columns were recorded: at least the number must agree
+        found = feature_columns(table)
+        if len(found) != n_fitted:
+            raise ManifestError(
+                f"the probe was fitted on {n_fitted} features; the table has {len(found)} ({_span(found)})"
+            )
+        return found
+    # the probe's own prefix, not the default feat_/pred_: a probe fitted with --feature-prefix works too
+    prefix = recorded[0].rstrip("0123456789") if recorded else ""
+    found = [c for c in table.columns if isinstance(c, str) and c.startswith(prefix) and c[len(prefix) :].isdigit()]
+    if set(found) != set(recorded):
+        missing = [c for c in recorded if c not in table.columns]
+        what = f"lacks {len(missing)} of them, e.g. {missing[:3]}" if missing else f"has {len(found)} ({_span(found)})"
+        raise ManifestError(
+            f"the probe was fitted on {len(recorded)} feature columns ({_span(recorded)}); the table {what}"
+        )
+    return recorded
+
+
+def _span(columns: list[str]) -> str:
+    """A list of feature columns in a few words: ``feat_0 … feat_511``."""
+    if not columns:
+        return "none"
+    return columns[0] if len(columns) == 1 else f"{columns[0]} … {columns[-1]}"
 
 
 def compare(
@@ -266,12 +320,14 @@ def run_fractions(
     records = []
     split_column = probe_args.get("split_column", "split")
     table = features if isinstance(features, pd.DataFrame) else read_features(features, None, split_column)[0]
+    provenance = table_provenance(features)
     for fraction in fractions:
         for repeat in range(1 if fraction == 1 else repeats):
             result = run_probe(
                 table,
                 label,
                 out / f"fraction_{fraction:g}" / f"repeat_{repeat}",
+                provenance=provenance,
                 train_fraction=fraction,
                 fraction_seed=repeat,
                 **probe_args,

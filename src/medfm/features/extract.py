@@ -43,6 +43,7 @@ from medfm.models.registry import PUBLISHED, LoadedModel, load_model
 from medfm.progress import progress_bar
 
 PRECISIONS = ("32", "bf16")
+PART_KEYS = ("rows", "paths", "digests", "features")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ExtractResult:
     errors_file: Path | None
     n_rows: int
     errors: dict[int, str]
+    n_computed: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -139,11 +141,11 @@ def _partial_dir(out: Path) -> Path:
 
 
 def _state(
-    manifest: Manifest, loaded: LoadedModel, column_prefix: str, profile: Profile | Profile2D
+    manifest: Manifest, loaded: LoadedModel, column_prefix: str, profile: Profile | Profile2D, **options: object
 ) -> dict[str, object]:
     return {
+        **options,
         "manifest": str(Path(manifest.source).resolve()),
-        "n_rows": len(manifest),
         "model": loaded.entry.name,
         "weights_sha256": loaded.weights_sha256,
         "random_init_seed": loaded.seed if loaded.weights_path is None else None,
@@ -155,6 +157,7 @@ def _state(
 def _done_rows(
     partial: Path, state: dict[str, object], manifest: Manifest, resume: bool
 ) -> list[dict[str, np.ndarray]]:
+    """The parts an earlier run kept, holding only rows whose inputs are unchanged (same row digest) since."""
     if not resume:
         if partial.exists():
             shutil.rmtree(partial)
@@ -167,15 +170,30 @@ def _done_rows(
             f"{partial} was made with other settings (manifest, model, weights, profile or column prefix); "
             "run without --resume to start again"
         )
+    digests = [manifest.row_digest(row) for row in range(len(manifest))]
     parts = []
     for file in sorted(partial.glob("part-*.npz")):
         with np.load(file) as part:
-            parts.append({key: part[key] for key in ("rows", "paths", "features")})
-    for part in parts:
-        for row, path in zip(part["rows"], part["paths"]):
-            if row >= len(manifest) or manifest.paths[row] != path:
-                raise MedfmError(f"{partial}: row {row} was {path}, the manifest now says otherwise; start again")
-    return parts
+            part = {key: part[key] for key in PART_KEYS} if "digests" in part else None
+        if part is None:  # a part of a medfm without row digests: nothing in it can be checked
+            continue
+        keep = [
+            i for i, (row, digest) in enumerate(zip(part["rows"], part["digests"]))
+            if row < len(manifest) and digests[row] == digest
+        ]  # fmt: skip
+        parts.append({key: value[keep] for key, value in part.items()})
+    seen: set[int] = set()
+    for part in reversed(parts):  # a row kept twice (never expected): the later copy wins
+        fresh = [i for i, row in enumerate(part["rows"].tolist()) if row not in seen]
+        seen.update(part["rows"].tolist())
+        part.update({key: value[fresh] for key, value in part.items()})
+    return [part for part in parts if len(part["rows"])]
+
+
+def _next_part(partial: Path) -> int:
+    """The number of the next part file: one past every part already there (of any process)."""
+    numbers = [int(f.stem.rsplit("-", 1)[-1]) for f in partial.glob("part-*.npz")]
+    return max(numbers, default=-1) + 1
 
 
 def extract_features(
@@ -194,6 +212,7 @@ def extract_features(
     min_coverage: float = 0.95,
     seed: int = 0,
     flush_every: int = 64,
+    flush_seconds: float = 30.0,
     progress: bool = True,
     profile: str | None = None,
     in_channels: int | None = None,
@@ -212,6 +231,8 @@ def extract_features(
     returns the same result, rank 0 writes the files.
     ``irregular_series='resample'`` and ``non_finite='pad'`` read what would otherwise be row errors (see
     :func:`~medfm.data.datasets.iter_volume_items`); the rows so read are listed in the sidecar's ``flagged_rows``.
+    Finished rows are kept for ``resume`` every ``flush_every`` rows or ``flush_seconds``, whichever comes first,
+    so a killed run loses at most that much work; a resumed run recomputes rows whose inputs changed.
     """
     out = Path(out)
     workers = start_workers(devices, num_nodes, device)
@@ -231,7 +252,9 @@ def extract_features(
         raise MedfmError(f"profile {chosen.name} does not fit the {loaded.entry.dims}D model {loaded.entry.name}")
     profile = chosen
     partial = _partial_dir(out)
-    state = _state(manifest, loaded, column_prefix, profile)
+    state = _state(
+        manifest, loaded, column_prefix, profile, irregular_series=irregular_series, non_finite=non_finite
+    )
     problem = None
     if workers.rank == 0:  # rank 0 checks (or clears) what an earlier run left; the others then read it
         try:
@@ -247,6 +270,9 @@ def extract_features(
     done = {int(r) for part in parts for r in part["rows"]}
     todo = workers.share(manifest, [r for r in range(len(manifest)) if r not in done])
     part_name = "part-{n:05d}.npz" if workers.world == 1 else f"part-r{workers.rank:03d}-{{n:05d}}.npz"
+    part_number = _next_part(partial)
+    last_flush = time.monotonic()
+    n_computed = 0
 
     errors: dict[int, str] = {}
     flags: dict[int, str] = {}
@@ -255,21 +281,29 @@ def extract_features(
     finished_feats: list[np.ndarray] = []
 
     def run_batch(items: list[tuple[int, np.ndarray]]) -> None:
+        nonlocal n_computed
         feats = runner(stack_patches([p for _, p in items]))
         finished_rows.extend(r for r, _ in items)
         finished_feats.append(feats)
+        n_computed += len(items)
+        if len(finished_rows) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
+            flush()
 
     def flush() -> None:
+        nonlocal part_number, last_flush
+        last_flush = time.monotonic()
         if not finished_rows:
             return
         part = {
             "rows": np.asarray(finished_rows, dtype=np.int64),
             "paths": np.asarray([manifest.paths[r] for r in finished_rows]),
+            "digests": np.asarray([manifest.row_digest(r) for r in finished_rows]),
             "features": np.concatenate(finished_feats),
         }
-        with atomic_path(partial / part_name.format(n=len(parts))) as tmp:
+        with atomic_path(partial / part_name.format(n=part_number)) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **part)
+        part_number += 1
         parts.append(part)
         finished_rows.clear()
         finished_feats.clear()
@@ -293,8 +327,6 @@ def extract_features(
                     run_batch(pending[:batch_size])
                     del pending[:batch_size]
                     bar.advance(task, batch_size)
-                if len(finished_rows) >= flush_every:
-                    flush()
             if pending:
                 run_batch(pending)
                 bar.advance(task, len(pending))
@@ -307,9 +339,10 @@ def extract_features(
             flush()  # whatever finished is kept for --resume, even when a bad row stops the run
 
     if workers.world > 1:
-        reports = workers.gather((errors, str(failure) if failure else None))
-        errors = {row: reason for report, _ in reports for row, reason in report.items()}
-        failures = [message for _, message in reports if message]
+        reports = workers.gather((errors, str(failure) if failure else None, n_computed))
+        errors = {row: reason for report, _, _ in reports for row, reason in report.items()}
+        failures = [message for _, message, _ in reports if message]
+        n_computed = sum(n for _, _, n in reports)
         if failure is not None:
             raise failure
         if failures:
@@ -317,7 +350,12 @@ def extract_features(
         if workers.rank != 0:
             workers.gather(None)  # wait until rank 0 has written the files
             return ExtractResult(
-                out, sidecar_path(out), errors_path(out) if errors else None, len(manifest) - len(errors), errors
+                out,
+                sidecar_path(out),
+                errors_path(out) if errors else None,
+                len(manifest) - len(errors),
+                errors,
+                n_computed,
             )
         parts = _done_rows(partial, state, manifest, resume=True)  # every process's parts, from the shared folder
 
@@ -326,39 +364,38 @@ def extract_features(
     rows = rows[order].tolist()
     dim = parts[0]["features"].shape[1] if parts else loaded.entry.feature_dim
     features = np.concatenate([p["features"] for p in parts])[order] if parts else np.zeros((0, dim), np.float32)
-    write_feature_table(manifest.table.iloc[rows], features, _feature_columns(column_prefix, dim), out)
     errors_file = write_errors(manifest.table, errors, out)
-    sidecar = write_json(
-        {
-            "medfm_version": medfm.__version__,
-            "model": loaded.entry.name,
-            "feature_dim": loaded.entry.feature_dim,
-            "weights": str(loaded.weights_path) if loaded.weights_path else None,
-            "weights_sha256": loaded.weights_sha256,
-            "random_init": loaded.weights_path is None,
-            "random_init_seed": loaded.seed if loaded.weights_path is None else None,
-            "load_report": loaded.report.to_dict() if loaded.report else None,
-            "profile": profile.to_dict(),
-            "manifest": manifest.source,
-            "coords": manifest.coords,
-            "column_prefix": column_prefix,
-            "n_rows": len(rows),
-            "n_errors": len(errors),
-            "errors_file": str(errors_file) if errors_file else None,
-            "irregular_series": irregular_series,
-            "non_finite": non_finite,
-            "flagged_rows": {str(row): flags[row] for row in sorted(flags)},  # this run's; a resumed run's are not kept
-            "precision": precision,
-            "device": str(runner.device),
-            "processes": workers.world,
-            "seconds": round(time.perf_counter() - start, 3),
-        },
-        sidecar_path(out),
-    )
+    provenance = {
+        "medfm_version": medfm.__version__,
+        "model": loaded.entry.name,
+        "feature_dim": loaded.entry.feature_dim,
+        "weights": str(loaded.weights_path) if loaded.weights_path else None,
+        "weights_sha256": loaded.weights_sha256,
+        "random_init": loaded.weights_path is None,
+        "random_init_seed": loaded.seed if loaded.weights_path is None else None,
+        "load_report": loaded.report.to_dict() if loaded.report else None,
+        "profile": profile.to_dict(),
+        "manifest": manifest.source,
+        "coords": manifest.coords,
+        "column_prefix": column_prefix,
+        "n_rows": len(rows),
+        "n_errors": len(errors),
+        "errors_file": str(errors_file) if errors_file else None,
+        "irregular_series": irregular_series,
+        "non_finite": non_finite,
+        "flagged_rows": {str(row): flags[row] for row in sorted(flags)},  # this run's; a resumed run's are not kept
+        "precision": precision,
+        "device": str(runner.device),
+        "processes": workers.world,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    # the table and its sidecar are one pair: both written, or neither (the sidecar records the table's SHA-256)
+    write_feature_table(manifest.table.iloc[rows], features, _feature_columns(column_prefix, dim), out, provenance)
+    sidecar = sidecar_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     if workers.world > 1:
         workers.gather(None)  # the files are written: the other processes may return
-    return ExtractResult(out, sidecar, errors_file, len(rows), errors)
+    return ExtractResult(out, sidecar, errors_file, len(rows), errors, n_computed)
 
 
 def _feature_columns(prefix: str, dim: int) -> list[str]:

@@ -9,7 +9,6 @@ RadiologyNET, MoCo, SwAV, ...) is pinned on first use: the hash of the first ver
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -55,11 +54,9 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     stat = os.stat(path)
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(CHUNK), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
+        from medfm.data.outputs import file_sha256
+
+        _HASHES[key] = file_sha256(path)
     return _HASHES[key]
 
 

@@ -145,7 +145,7 @@ def predict_manifest(
         row = min(errors)
         raise RowError(row, checked.paths[row], errors[row])
     # overlays and dicom_seg are not part of the state: a kept row is reused when it has what they now ask for
-    state = {"card_sha256": card.get("sha256"), "manifest": str(Path(source).resolve()), "rows": list(checked.paths)}
+    state = {"card_sha256": card.get("sha256"), "manifest": str(Path(source).resolve())}
     finished = FinishedRows(out / "predictions.partial", state, resume)
     records: dict[int, dict[str, object]] = {}
     with progress_bar(progress) as bar:
@@ -155,7 +155,8 @@ def predict_manifest(
             if row in errors:
                 continue
             wants_seg = not is_2d and dicom_seg != "never" and os.path.isdir(path)
-            kept = _reusable(finished.get(f"row-{row:06d}"), out, overlays, wants_seg, dicom_seg)
+            kept = finished.get(f"row-{row:06d}", checked.row_digest(row))
+            kept = _reusable(kept, out, overlays, wants_seg, dicom_seg)
             if kept is not None:
                 records[row] = kept  # finished by an interrupted run, its files still there
                 continue
@@ -202,7 +203,7 @@ def predict_manifest(
                     else:
                         errors[row] = reason
             records[row] = record
-            finished.put(f"row-{row:06d}", record)
+            finished.put(f"row-{row:06d}", record, checked.row_digest(row))
     rows = sorted(records)
     table = checked.table.iloc[rows].copy()
     for key in dict.fromkeys(k for r in rows for k in records[r]):  # every key once, in first-seen order
