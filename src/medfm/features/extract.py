@@ -252,9 +252,7 @@ def extract_features(
         raise MedfmError(f"profile {chosen.name} does not fit the {loaded.entry.dims}D model {loaded.entry.name}")
     profile = chosen
     partial = _partial_dir(out)
-    state = _state(
-        manifest, loaded, column_prefix, profile, irregular_series=irregular_series, non_finite=non_finite
-    )
+    state = _state(manifest, loaded, column_prefix, profile, irregular_series=irregular_series, non_finite=non_finite)
     problem = None
     if workers.rank == 0:  # rank 0 checks (or clears) what an earlier run left; the others then read it
         try:
