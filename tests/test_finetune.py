@@ -512,6 +512,22 @@ def test_split_column_is_honoured(manifest, cache_dir):
     assert batch["views"].shape == (4, 1, 1, 16, 16, 16)
 
 
+def test_missing_labels_take_part_in_no_split(manifest, cache_dir, tmp_path):
+    table = pd.read_csv(manifest)
+    table["marked"] = table["malignant"].astype(str)
+    table.loc[[1, 6, 12], "marked"] = ["NA", "unknown", "?"]  # as a spreadsheet writes a missing label
+    path = manifest.with_name("marked.csv")
+    table.to_csv(path, index=False)
+    data = data_module(path, cache_dir, label_column="marked")
+    data.setup("fit")
+    assert data.classes == ["0", "1"] and data.n_missing_labels == 3
+    unlabelled = np.flatnonzero(data.store.splits == "unlabelled")
+    assert data.store.rows[unlabelled].tolist() == [1, 6, 12]
+    assert data.store.labels[unlabelled].tolist() == [-1, -1, -1]
+    kept = np.flatnonzero(data.store.splits != "unlabelled")
+    assert data.store.splits[kept].tolist() == table["split"].iloc[data.store.rows[kept]].tolist()
+
+
 def test_grouped_splits_keep_patients_together_and_are_seeded():
     rng = np.random.default_rng(0)
     patients = np.repeat([f"P{i:02d}" for i in range(15)], 3)

@@ -167,7 +167,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _split_args(args: argparse.Namespace) -> dict[str, object]:
     """The split options every feature-table command shares."""
-    return {"split_column": args.split_column, "group": args.group, "test_size": args.test_size}
+    return {
+        "split_column": args.split_column,
+        "group": args.group,
+        "test_size": args.test_size,
+        "label_missing": args.label_missing,
+    }
 
 
 def _interval(m: dict[str, float]) -> str:
@@ -176,6 +181,8 @@ def _interval(m: dict[str, float]) -> str:
 
 
 def _probe(args: argparse.Namespace) -> None:
+    import json
+
     from medfm.evaluate.probe import run_fractions, run_probe
 
     if args.survival:
@@ -201,6 +208,7 @@ def _probe(args: argparse.Namespace) -> None:
         print(f"{len(runs)} runs; per-run results under {args.out}/fraction_*/repeat_*/")
         return
     result = run_probe(args.features, args.label, args.out, **common)
+    _print_missing(json.loads(result.results.read_text())["n_missing_labels"], args.label)
     print(f"test {result.scoring}: {result.test_metric}  (best C {result.best_c:.3g})")
     print(f"results in {result.results} (and results.md, predictions.csv, roc.png, pr.png); probe {result.probe}")
 
@@ -309,6 +317,7 @@ def _fewshot(args: argparse.Namespace) -> None:
         out=args.out,
     ):
         print(summary)
+    _print_missing(summary.n_missing_labels, args.label)
     if args.out:
         print(f"shots curve in {args.out}/fewshot.json, fewshot.csv and fewshot.png")
 
@@ -327,6 +336,13 @@ def _knn(args: argparse.Namespace) -> None:
     )
     for name, m in report["test"].items():
         print(f"kNN (k={args.k}, T={args.temperature}) {name}: {_interval(m)}")
+    _print_missing(report["n_missing_labels"], args.label)
+
+
+def _print_missing(n: int, label: str) -> None:
+    """Say how many rows were left out for a missing label."""
+    if n:
+        print(f"{n} rows left out: their {label} is missing (see --label-missing)")
 
 
 def _transfer(args: argparse.Namespace) -> None:
@@ -369,6 +385,13 @@ def _add_table_args(p: argparse.ArgumentParser, label_required: bool = True) -> 
     p.add_argument("--split-column", default="split", help="column with train/val/test (absent: a held-out test)")
     p.add_argument("--group", help="patient column: no patient on both sides of a split; CIs resample patients")
     p.add_argument("--test-size", type=float, default=0.2, help="held-out share when there is no split column")
+    p.add_argument(
+        "--label-missing",
+        nargs="*",
+        metavar="MARKER",
+        help="label values that mean missing: those rows are left out and counted "
+        "(default: empty, NA, N/A, nan, none, null, unknown, ?, -; case-insensitive)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 

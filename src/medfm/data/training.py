@@ -8,12 +8,15 @@ knows no process groups).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from medfm.data.augment import ViewPipeline
+from medfm.data.labels import clean_labels
 from medfm.data.store import PatchStore
 from medfm.errors import ConfigError
 
@@ -79,12 +82,14 @@ class StoreViews(Dataset):
         return item
 
 
-def encode_labels(values: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """Class indices of a label column (sorted class names; missing labels are -1) and the class names."""
-    present = values.dropna()
+def encode_labels(values: pd.Series, missing: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class indices of a label column (sorted class names) and the class names; missing labels (empty, or one of
+    ``missing``, default :data:`~medfm.data.labels.MISSING_LABELS`: 'NA', 'unknown', …) are -1."""
+    present, absent = clean_labels(values, missing)
     classes = sorted(present.unique().tolist())
     lookup = {c: i for i, c in enumerate(classes)}
-    codes = np.array([NO_LABEL if pd.isna(v) else lookup[v] for v in values], dtype=np.int64)
+    codes = np.full(len(values), NO_LABEL, dtype=np.int64)
+    codes[~absent] = [lookup[v] for v in present]
     return codes, [str(c) for c in classes]
 
 

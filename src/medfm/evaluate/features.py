@@ -7,12 +7,14 @@ whose feature columns are ``pred_<i>`` (or ``feature_<i>``): the split of a row 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from medfm.data.labels import check_classes, clean_labels
 from medfm.data.manifest import read_table
 from medfm.data.outputs import read_sidecar, write_table
 from medfm.data.splits import SPLIT_NAMES
@@ -137,7 +139,8 @@ def read_features(
 
 @dataclass
 class Labelled:
-    """The labelled rows of a feature table: the rows, features, labels, groups and their source row numbers."""
+    """The labelled rows of a feature table: the rows, features, labels, groups and their source row numbers,
+    and how many rows were left out for a missing label."""
 
     table: pd.DataFrame
     x: np.ndarray
@@ -145,6 +148,7 @@ class Labelled:
     groups: np.ndarray | None
     rows: np.ndarray
     columns: list[str]
+    n_missing: int = 0
 
 
 def read_labelled(
@@ -153,16 +157,24 @@ def read_labelled(
     group: str | None = None,
     prefix: str | None = None,
     split_column: str | None = "split",
+    missing: Sequence[str] | None = None,
+    classes: bool = True,
 ) -> Labelled:
-    """The rows of a feature table that have a label (others are left out), ready for a probe."""
+    """The rows of a feature table that have a label, ready for a probe. Rows whose label is empty or one of the
+    ``missing`` markers (default :data:`~medfm.data.labels.MISSING_LABELS`: 'NA', 'unknown', '?', …) are left out
+    and counted. With ``classes`` the labels must look like classes (see :func:`~medfm.data.labels.check_classes`).
+    """
     table, x, columns = read_features(features, prefix, split_column)
     for column in (label, group):
         if column and column not in table.columns:
             raise ManifestError(f"column {column!r} not found; columns are {list(table.columns)[:20]}")
-    keep = table[label].notna().to_numpy()
+    values, absent = clean_labels(table[label], missing)
+    keep = ~absent
     table = table[keep].reset_index(drop=True)
-    values = table[label]
-    if values.dtype.kind == "f" and np.all(np.mod(values.to_numpy(), 1) == 0):
-        table[label] = values.astype(np.int64)  # a label column with gaps reads as float: 1.0 → 1
+    table[label] = values.to_numpy()
+    if classes:
+        check_classes(table[label].to_numpy(), label)
     groups = table[group].astype(str).to_numpy() if group else None
-    return Labelled(table, x[keep], table[label].to_numpy(), groups, np.flatnonzero(keep), columns)
+    return Labelled(
+        table, x[keep], table[label].to_numpy(), groups, np.flatnonzero(keep), columns, int(absent.sum())
+    )

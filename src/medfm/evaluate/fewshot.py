@@ -17,7 +17,7 @@ import copy
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class EpisodeSummary:
     mean: float
     ci95: float
     c: str = ""
+    n_missing_labels: int = 0  # rows left out: their label was missing
 
     def to_dict(self) -> dict[str, object]:
         """The summary as plain data."""
@@ -213,18 +214,23 @@ def run_fewshot(
     seed: int = 0,
     c: float | None = None,
     out: str | os.PathLike[str] | None = None,
+    label_missing: Sequence[str] | None = None,
 ) -> list[EpisodeSummary]:
     """Few-shot accuracy of each head at each shot count; support drawn from the non-test rows, queries from the
     test rows. ``out``: a folder for ``fewshot.json``, ``fewshot.csv`` (a row per shot count and head) and
-    ``fewshot.png`` (accuracy against shots)."""
+    ``fewshot.png`` (accuracy against shots). Rows whose label is one of ``label_missing`` (default: 'NA',
+    'unknown', …) are left out and counted."""
     counts = [shots] if isinstance(shots, int) else list(shots)
     if not counts:
         raise ConfigError("give at least one shot count")
-    data = read_labelled(features, label, group)
+    data = read_labelled(features, label, group, missing=label_missing)
     development, test = holdout(data.table, data.y, split_column, data.groups, test_size, seed)
     summaries = [
-        FewShot(ways, k, episodes, head, seed=seed, c=c).evaluate(
-            data.x[development], data.y[development], data.x[test], data.y[test]
+        replace(
+            FewShot(ways, k, episodes, head, seed=seed, c=c).evaluate(
+                data.x[development], data.y[development], data.x[test], data.y[test]
+            ),
+            n_missing_labels=data.n_missing,
         )
         for k in counts
         for head in heads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,9 +58,11 @@ def run_knn(
     test_size: float = 0.2,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    label_missing: Sequence[str] | None = None,
 ) -> dict[str, object]:
-    """kNN accuracy, balanced accuracy and AUC on the test rows (train = all other rows), with bootstrap CIs."""
-    data = read_labelled(features, label, group)
+    """kNN accuracy, balanced accuracy and AUC on the test rows (train = all other rows), with bootstrap CIs.
+    Rows whose label is one of ``label_missing`` (default: 'NA', 'unknown', …) are left out and counted."""
+    data = read_labelled(features, label, group, missing=label_missing)
     development, test = holdout(data.table, data.y, split_column, data.groups, test_size, seed)
     knn = KNNProbe(k, temperature).fit(data.x[development], data.y[development])
     proba = knn.predict_proba(data.x[test])
@@ -74,5 +77,6 @@ def run_knn(
         "temperature": temperature,
         "n_train": len(development),
         "n_test": len(test),
+        "n_missing_labels": data.n_missing,
         "test": metrics,
     }

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +65,16 @@ def run_probe(
     train_fraction: float = 1.0,
     fraction_seed: int = 0,
     provenance: dict | None = None,
+    label_missing: Sequence[str] | None = None,
 ) -> ProbeResult:
     """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test.
 
     The probe records the feature columns and what made them (the table's sidecar: model, weight SHA-256,
     profile; or ``provenance`` given with a DataFrame), so that ``predict`` refuses another model's table.
+    Rows whose label is one of ``label_missing`` (default: 'NA', 'unknown', '?', …) are left out and counted.
     """
     provenance = table_provenance(features) if provenance is None else provenance
-    data = read_labelled(features, label, group, feature_prefix, split_column)
+    data = read_labelled(features, label, group, feature_prefix, split_column, missing=label_missing)
     if not isinstance(features, pd.DataFrame) and os.path.isdir(features):
         split_column = split_column or "split"  # FMCIB's layout: the split is the file a row came from
     table, x, y, groups, columns = data.table, data.x, data.y, data.groups, data.columns
@@ -115,6 +118,7 @@ def run_probe(
         "best_c": probe.best_c_,
         "search": {"kind": search, "trials": len(probe.trials_), "folds": len(folds), "how": splits.how},
         "class_balance": counts,
+        "n_missing_labels": data.n_missing,
         "grouped_by": group,
         "train_fraction": train_fraction,
         "fraction_seed": fraction_seed,

@@ -7,6 +7,7 @@ runs on an n×n problem; the partial likelihood uses Breslow's handling of tied 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,11 @@ def run_survival(
     n_bootstrap: int = 1000,
     seed: int = 0,
     feature_prefix: str | None = None,
+    label_missing: Sequence[str] | None = None,
 ) -> dict[str, object]:
     """Search the Cox penalty on validation C-index, refit on train+val, report test C-index (and AUC at T) with CIs."""
-    data = read_labelled(features, event_column, group, feature_prefix, split_column)  # rows without an event: out
+    # rows without an event value (empty, or one of label_missing: 'NA', 'unknown', …) are left out
+    data = read_labelled(features, event_column, group, feature_prefix, split_column, missing=label_missing)
     if time_column not in data.table.columns:
         raise ManifestError(f"column {time_column!r} not found; columns are {list(data.table.columns)[:20]}")
     timed = data.table[time_column].notna().to_numpy()

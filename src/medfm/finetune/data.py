@@ -15,6 +15,7 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from medfm.data.augment import build_view, default_view
+from medfm.data.labels import check_classes, clean_labels
 from medfm.data.manifest import read_manifest
 from medfm.data.profiles import Profile2D, get_profile
 from medfm.data.splits import assign_splits, subsample
@@ -35,6 +36,8 @@ class FinetuneData(StoreDataModule):
             (from ``store_from_arrays``; its labels and splits are used).
         task: ``binary``, ``multiclass``, ``regression`` or ``survival``.
         label_column: class label (classification) or value (regression).
+        label_missing: class labels that mean missing (default: empty, NA, N/A, nan, none, null, unknown, ?, -):
+            those rows are left out of every split (``n_missing_labels`` counts them).
         time_column, event_column: survival time and event (1 = event, 0 = censored).
         split_column: train/val/test per row; else hold-outs grouped by ``group_column`` (seeded by ``split_seed``).
         train_fraction, fraction_seed: keep a stratified, seeded share of the training rows.
@@ -51,6 +54,7 @@ class FinetuneData(StoreDataModule):
         profile: str = "fmcib",
         coords: str = "lps",
         label_column: str | None = "label",
+        label_missing: list[str] | None = None,
         time_column: str | None = None,
         event_column: str | None = None,
         split_column: str | None = None,
@@ -81,6 +85,7 @@ class FinetuneData(StoreDataModule):
         self.classes: list[str] | None = None
         self.targets: np.ndarray | None = None
         self.group_codes: np.ndarray | None = None
+        self.n_missing_labels = 0
 
     def _build(self, progress: bool) -> PatchStore:
         hp = self.hparams
@@ -102,6 +107,8 @@ class FinetuneData(StoreDataModule):
         groups = table[hp.group_column].astype(str).to_numpy() if hp.group_column else None
         splits = assign_splits(table, strata, hp.split_column, groups, hp.split_seed)
         store.splits = self._fraction(splits, strata, groups)
+        if self.n_missing_labels:  # rows without a label take part in no split
+            store.splits = np.where(store.labels < 0, "unlabelled", store.splits)
         if groups is not None:  # per store entry: the test bootstrap resamples whole patients
             self.group_codes = np.unique(groups, return_inverse=True)[1]
         return store
@@ -114,10 +121,11 @@ class FinetuneData(StoreDataModule):
             if column is None or column not in table.columns:
                 raise ManifestError(f"task {hp.task} needs column {column!r}, which is not in {hp.manifest}")
         if hp.task in ("binary", "multiclass"):
-            store.labels, self.classes = encode_labels(table[hp.label_column])
-            missing = np.flatnonzero(store.labels < 0)
-            if len(missing):
-                raise ManifestError(f"row {int(store.rows[missing[0]])}: no {hp.label_column} label")
+            store.labels, self.classes = encode_labels(table[hp.label_column], hp.label_missing)
+            self.n_missing_labels = int(np.sum(store.labels < 0))
+            if self.n_missing_labels == len(store.labels):
+                raise ManifestError(f"no row of {hp.manifest} has a {hp.label_column} label")
+            check_classes(clean_labels(table[hp.label_column], hp.label_missing)[0].to_numpy(), hp.label_column)
             if hp.task == "binary" and len(self.classes) != 2:
                 raise ManifestError(f"task binary needs 2 classes in {hp.label_column}, found {self.classes}")
             return store.labels

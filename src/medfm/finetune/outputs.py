@@ -46,7 +46,7 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
     folder.mkdir(parents=True, exist_ok=True)
     hp = module.hparams
     store = data.store
-    sizes = {s: int(np.sum(store.splits == s)) for s in ("train", "val", "test", "unused")}
+    sizes = {s: int(np.sum(store.splits == s)) for s in ("train", "val", "test", "unused", "unlabelled")}
     report = module.init_report
     results = {
         "task": hp.task,
