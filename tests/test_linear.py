@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
+from medfm.errors import CheckpointError
 from medfm.evaluate.linear import GRID_C, LinearProbe
 
 ONE_FOLD = [(np.arange(0, 40), np.arange(40, 60))]
@@ -207,6 +211,71 @@ def test_load_rejects_other_json(tmp_path):
     (tmp_path / "probe.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(ValueError, match="not a saved medfm probe"):
         LinearProbe.load(tmp_path / "probe")
+
+
+@pytest.fixture
+def saved_probe(tmp_path):
+    """A probe saved as tmp_path/probe.json + probe.npz, with a feature table it applies to."""
+    x, y = _separable(seed=10)
+    probe = LinearProbe(trials=3, seed=0).fit(x[:60], y[:60], [(np.arange(40), np.arange(40, 60))])
+    columns = [f"feat_{i}" for i in range(x.shape[1])]
+    probe.save(tmp_path / "probe", feature_columns=columns)
+    table = tmp_path / "features.csv"
+    pd.DataFrame(x[60:], columns=columns).to_csv(table, index=False)
+    return tmp_path / "probe", table
+
+
+def test_truncated_probe_npz_is_named_as_damaged(saved_probe):
+    probe, _ = saved_probe
+    npz = probe.with_suffix(".npz")
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"^the probe file {re.escape(str(npz))} is damaged \("):
+        LinearProbe.load(probe)
+
+
+def test_probe_npz_holding_a_pickle_is_refused_without_running_it(saved_probe):
+    probe, _ = saved_probe
+    marker = probe.parent / "ran.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch '{marker}'",))
+
+    arrays = {"mean": np.zeros(10), "scale": np.ones(10), "intercept": np.zeros(1)}
+    np.savez(probe.with_suffix(".npz"), coef=np.array([Payload()], dtype=object), **arrays)
+    with pytest.raises(CheckpointError) as info:
+        LinearProbe.load(probe)
+    assert str(info.value) == (
+        f"the probe file {probe.with_suffix('.npz')} is damaged: it holds Python objects (a pickle) where a medfm "
+        "probe holds plain numbers; refused without loading them"
+    )
+    assert not marker.exists()
+    with np.load(probe.with_suffix(".npz"), allow_pickle=True) as arrays:  # control: the payload is live
+        arrays["coef"]
+    assert marker.exists()
+
+
+def test_damaged_probe_json(saved_probe):
+    probe, _ = saved_probe
+    card = probe.with_suffix(".json")
+    card.write_text(card.read_text()[:40])
+    with pytest.raises(CheckpointError, match=rf"^the probe file {re.escape(str(card))} is damaged or unreadable"):
+        LinearProbe.load(probe)
+    card.write_text(json.dumps({"kind": "medfm.LinearProbe", "scoring": "roc_auc"}))
+    with pytest.raises(CheckpointError, match=r"is damaged: it lacks 'search'"):
+        LinearProbe.load(probe)
+
+
+def test_predict_with_a_damaged_probe_is_one_line(saved_probe, tmp_path, capsys):
+    from medfm.cli import main
+
+    probe, table = saved_probe
+    npz = probe.with_suffix(".npz")
+    npz.write_bytes(b"PK\x03\x04" + bytes(100))
+    assert main(["predict", str(probe.with_suffix(".json")), str(table), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medfm: error: the probe file {npz} is damaged (")
+    assert not (tmp_path / "p.csv").exists()
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from medfm.data.splits import Splits, assign_splits, holdout, leaked_groups, make_splits, split_names
-from medfm.errors import ManifestError
+from medfm.errors import ConfigError, ManifestError
 
 
 def _table(n_patients: int = 60, seed: int = 0, split: bool = False) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -169,3 +169,57 @@ def test_holdout_is_seeded():
     c = holdout(table, y, split_column=None, groups=patients, seed=2)
     np.testing.assert_array_equal(a[1], b[1])
     assert not np.array_equal(a[1], c[1])
+
+
+def test_cv_too_large_for_the_rarest_class_names_cv_and_the_counts():
+    # 2 test rows of a split column; 4 development rows of class a, 2 of b: --cv 3 cannot stratify b... nor a.
+    table = pd.DataFrame({"split": ["train"] * 4 + ["val"] * 2 + ["test"] * 2})
+    y = np.array(["a", "a", "b", "a", "b", "a", "a", "b"])
+    with pytest.raises(ConfigError) as info:
+        make_splits(table, y, "split", cv=5)
+    assert str(info.value) == (
+        "--cv 5 over the development rows needs 5 stratified folds, but the 6 rows cannot make them "
+        "(rows per class: a: 4, b: 2); give a smaller --cv (the rarest class has 2 rows) or mark val rows in the "
+        "split column"
+    )
+
+
+def test_holdout_that_cannot_be_cut_names_test_size_not_cv():
+    # The case of the report: the user passed --cv 3, but the default hold-out (1/5) is what fails.
+    table = pd.DataFrame({"x": range(8)})
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    with pytest.raises(ConfigError) as info:
+        make_splits(table, y, None, cv=3)
+    message = str(info.value)
+    assert message == (
+        "a held-out test set of 1/5 of the rows (--test-size 0.2, no split column) needs 5 stratified folds, but the "
+        "8 rows cannot make them (rows per class: 0: 4, 1: 4); mark test rows in a split column or give a larger "
+        "--test-size"
+    )
+    assert "n_splits" not in message and "--cv" not in message
+
+
+def test_grouped_folds_that_cannot_be_cut_count_the_groups():
+    table = pd.DataFrame({"x": range(12)})
+    y = np.array([0, 1] * 6)
+    groups = np.repeat(["p1", "p2", "p3"], 4)
+    with pytest.raises(ConfigError, match=r"needs 5 stratified folds of whole groups, but the 12 rows in 3 groups"):
+        make_splits(table, y, None, cv=2, groups=groups)
+
+
+def test_cli_probe_with_too_few_rows_for_cv_is_one_line(tmp_path, capsys):
+    from medfm.cli import main
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(12, 3)), columns=["feat_0", "feat_1", "feat_2"])
+    table["y"] = [0, 1] * 6
+    table["split"] = ["train"] * 4 + ["val"] * 2 + ["test"] * 6
+    path = tmp_path / "f.csv"
+    table.to_csv(path, index=False)
+    assert main(["probe", str(path), "--label", "y", "--cv", "4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "medfm: error: --cv 4 over the development rows needs 4 stratified folds, but the 6 rows cannot make them "
+        "(rows per class: 0: 3, 1: 3); give a smaller --cv (the rarest class has 3 rows) or mark val rows in the "
+        "split column"
+    ]

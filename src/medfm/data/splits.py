@@ -31,10 +31,25 @@ class Splits:
     how: str = ""
 
 
-def _kfold(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int):  # noqa: ANN202 - sklearn splitter
-    if groups is None:
-        return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
-    return StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+def _kfold(
+    y: np.ndarray, groups: np.ndarray | None, k: int, seed: int, asked: str, advice: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` stratified (grouped) folds; when the rows cannot make them, a ConfigError naming what the user ``asked``
+    (the option behind ``k``), the class counts and ``advice``, instead of scikit-learn's ``n_splits=…`` message."""
+    try:
+        if groups is None:
+            splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+            return list(splitter.split(np.zeros(len(y)), y))
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y, groups))
+    except ValueError:
+        labels, counts = np.unique(np.asarray(y).astype(str), return_counts=True)
+        per_class = ", ".join(f"{label}: {n}" for label, n in zip(labels, counts))
+        units = "rows" if groups is None else f"rows in {len(np.unique(groups))} groups"
+        raise ConfigError(
+            f"{asked} needs {k} stratified folds{'' if groups is None else ' of whole groups'}, but the "
+            f"{len(y)} {units} cannot make them (rows per class: {per_class}); {advice}"
+        ) from None
 
 
 def split_names(table: pd.DataFrame, split_column: str) -> pd.Series:
@@ -81,7 +96,10 @@ def holdout(
                 )
         return development, test
     k = max(2, int(round(1 / test_size)))
-    dev_pos, test_pos = next(iter(_kfold(y, groups, k, seed)))
+    asked = f"a held-out test set of 1/{k} of the rows (--test-size {test_size:g}, no split column)"
+    dev_pos, test_pos = _kfold(
+        y, groups, k, seed, asked, "mark test rows in a split column or give a larger --test-size"
+    )[0]
     return np.sort(rows[dev_pos]), np.sort(rows[test_pos])
 
 
@@ -135,6 +153,7 @@ def make_splits(
         train = subsample(train, y, groups, train_fraction, fraction_seed)
         development = np.sort(np.concatenate([train, val]))
         return Splits(development, test, [(train, val)], f"{split_column} column: train→val search, test held out")
+    given_cv = cv is not None
     cv = cv or 5
     development = subsample(development, y, groups, train_fraction, fraction_seed)
     source = (
@@ -143,7 +162,13 @@ def make_splits(
         else (f"held-out test of {len(test)} rows (stratified{', grouped' if groups is not None else ''})")
     )
     sub_groups = None if groups is None else groups[development]
-    folds = [(development[a], development[b]) for a, b in _kfold(y[development], sub_groups, cv, seed)]
+    asked = f"--cv {cv}" if given_cv else f"the default {cv}-fold search (--cv K sets it)"
+    fewest = int(np.unique(y[development], return_counts=True)[1].min()) if len(development) else 0
+    advice = f"give a smaller --cv (the rarest class has {fewest} rows)" + (
+        " or mark val rows in the split column" if has_column else ""
+    )
+    splits = _kfold(y[development], sub_groups, cv, seed, asked + " over the development rows", advice)
+    folds = [(development[a], development[b]) for a, b in splits]
     return Splits(development, test, folds, f"{source}; {cv}-fold search over the rest")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from medfm.errors import ConfigError
+from medfm.errors import CheckpointError, ConfigError
 from medfm.evaluate.metrics import check_metric, score
 
 SEARCHES = ("optuna", "grid")
@@ -218,18 +219,42 @@ class LinearProbe:
     def load(cls, path: str | os.PathLike[str]) -> tuple[LinearProbe, list[str] | None]:
         """Read a probe written by :meth:`save` (arrays loaded with ``allow_pickle=False``)."""
         path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if meta.get("kind") != "medfm.LinearProbe":
-            raise ConfigError(f"{path.with_suffix('.json')} is not a saved medfm probe")
-        probe = cls(scoring=meta["scoring"])
-        probe.search = meta["search"]  # None for an imported probe
-        with np.load(path.with_suffix(".npz"), allow_pickle=False) as arrays:
-            probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]
-            probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
-        probe.classes_ = np.asarray(meta["classes"])
-        probe.best_c_ = meta["best_c"]
-        probe.provenance_ = meta.get("provenance")
+        card, weights = path.with_suffix(".json"), path.with_suffix(".npz")
+        try:
+            meta = json.loads(card.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise CheckpointError(f"the probe file {card} is damaged or unreadable ({_first_line(err)})") from None
+        if not isinstance(meta, dict) or meta.get("kind") != "medfm.LinearProbe":
+            raise ConfigError(f"{card} is not a saved medfm probe")
+        try:
+            probe = cls(scoring=meta["scoring"])
+            probe.search = meta["search"]  # None for an imported probe
+            probe.classes_ = np.asarray(meta["classes"])
+            probe.best_c_ = meta["best_c"]
+            probe.provenance_ = meta.get("provenance")
+        except KeyError as err:
+            raise CheckpointError(f"the probe file {card} is damaged: it lacks {err}") from None
+        try:
+            # allow_pickle=False: an object array (a pickle, which could run code) is refused, never loaded
+            with np.load(weights, allow_pickle=False) as arrays:
+                probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]
+                probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
+        except ValueError as err:
+            if "allow_pickle" in str(err):
+                raise CheckpointError(
+                    f"the probe file {weights} is damaged: it holds Python objects (a pickle) where a medfm probe "
+                    "holds plain numbers; refused without loading them"
+                ) from None
+            raise CheckpointError(f"the probe file {weights} is damaged ({_first_line(err)})") from None
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"the probe file {weights} is damaged ({_first_line(err)})") from None
         return probe, meta.get("feature_columns")
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _probabilities(logits: np.ndarray) -> np.ndarray:
