@@ -143,11 +143,15 @@ def test_disagreeing_qform_and_sform_are_named_with_the_distance_and_the_one_use
             items = list(iter_volume_items(read_manifest(tmp_path / "m.csv"), FMCIB))
         assert items[0].rows == [0]
         messages = [str(w.message) for w in caught if "qform" in str(w.message)]
-        assert messages == [
+        expected = (
             f"{path}: the NIfTI qform (code 1) and sform (code {scode}) disagree by up to 10.0 mm (voxel (0, 0, 0) at "
             f"LPS (0.0, -20.0, 30.0) by the qform, (-10.0, -20.0, 30.0) by the sform); medfm reads with SimpleITK, "
             f"which uses the {used} here (nibabel and nilearn use the sform); check which one is right"
-        ]
+        )
+        assert messages == [expected]
+        with pytest.warns(UserWarning) as caught:  # whole-volume reads (segment, analyze, stores) say it too
+            read_volume(path)
+        assert [str(w.message) for w in caught] == [expected]
 
 
 def test_a_vector_nifti_is_refused_from_its_header_without_crashing(tmp_path):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from medfm.data.nifti import check_complete, nonfinite_voxels
+from medfm.data.nifti import check_complete, form_disagreement, nonfinite_voxels
 from medfm.errors import VolumeError
 
 if TYPE_CHECKING:
@@ -386,7 +386,10 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None, irre
                 )
     except RuntimeError as err:
         raise _unreadable(path, err) from None
-    return _check_3d(image, path)
+    image = _check_3d(image, path)
+    if not os.path.isdir(path) and (note := form_disagreement(path, Geometry.of_image(image).matrix)):
+        warnings.warn(note, stacklevel=2)
+    return image
 
 
 def read_volume(path: str | os.PathLike[str], series_uid: str | None = None, irregular: str = "refuse") -> Volume:
