@@ -59,6 +59,8 @@ def test_compare_two_feature_tables(tmp_path, capsys):
     assert report["difference"]["low"] > 0  # the informative features win, and the CI says so
     assert report["delong"]["p_value"] < 0.01
     assert (tmp_path / "probes" / "a" / "results.json").exists()
+    for kind in ("roc", "pr"):  # both models' curves on one figure beside the two probes' folders
+        assert (tmp_path / "probes" / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_tables_needs_a_label(tmp_path, capsys):

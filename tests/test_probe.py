@@ -109,8 +109,9 @@ def test_run_probe_writes_its_files(separable_run):
     assert markdown.startswith("# Linear probe: y")
     assert "| roc_auc (searched) | 1.000 |" in markdown
     predictions = pd.read_csv(out / "predictions.csv")
-    assert list(predictions.columns) == ["row", "y", "patient", "proba_0", "proba_1", "predicted"]
+    assert list(predictions.columns) == ["row", "y", "patient", "split", "proba_0", "proba_1", "predicted"]
     np.testing.assert_array_equal(predictions["row"], np.flatnonzero(table["split"] == "test"))
+    assert predictions["patient"].tolist() == table["patient"][predictions["row"]].tolist()  # the table's IDs
     np.testing.assert_allclose(predictions[["proba_0", "proba_1"]].sum(axis=1), 1.0, atol=1e-12)
 
 
@@ -521,3 +522,57 @@ def test_breastmnist_pixels_probe(need_shared, tmp_path):
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert len(predictions) == len(data["test_labels"])
     assert roc_auc_score(predictions["malignant"], predictions["proba_1"]) == pytest.approx(auc.value, abs=1e-12)
+
+
+def test_roc_and_pr_figures_name_the_model_and_data_and_fix_their_axes(tmp_path):
+    import matplotlib
+
+    table = make_table(signal=0.8, seed=5)
+    path = _write(table, tmp_path / "features.parquet")
+    (tmp_path / "features.json").write_text(json.dumps({"model": "fmcib-resnet50", "manifest": "/data/luna16.csv"}))
+    captured = {}
+    from medfm.data import outputs
+
+    original = outputs.write_figure
+
+    def keep(fig, dest, dpi=120):
+        ax = fig.axes[0]
+        captured[Path(dest).name] = (ax.get_title(), ax.get_xlim(), ax.get_ylim(), [ln.get_label() for ln in ax.lines])
+        return original(fig, dest, dpi)
+
+    matplotlib.use("Agg")
+    import medfm.evaluate.figures as figures
+
+    figures.write_figure = keep
+    try:
+        run_probe(path, "y", tmp_path / "out", group="patient", figure_format="svg", **FAST)
+    finally:
+        figures.write_figure = original
+    n_test = int((table["split"] == "test").sum())
+    title, xlim, ylim, lines = captured["roc.svg"]
+    assert title == f"ROC\nfmcib-resnet50 on luna16.csv: y = 1; test split, n = {n_test}"
+    assert xlim == (0, 1) and ylim == (0, 1.02)
+    assert lines[0].startswith("fmcib-resnet50 (AUC ") and lines[-1] == "chance"
+    title, _, _, lines = captured["pr.svg"]
+    assert title.startswith("Precision-recall\nfmcib-resnet50 on luna16.csv")
+    assert lines[0].startswith("fmcib-resnet50 (AP ") and lines[-1] == "prevalence 0.500"
+    assert (tmp_path / "out" / "roc.svg").read_text().lstrip().startswith("<?xml")
+    assert not (tmp_path / "out" / "roc.png").exists()
+
+
+def test_several_models_share_one_roc_figure(tmp_path):
+    from medfm.data import outputs
+    from medfm.evaluate import figures
+
+    truth = np.array([0, 0, 1, 1, 0, 1])
+    curves = [figures.Scores("A: good", truth, truth + 0.1), figures.Scores("B: weak", truth, np.arange(6.0))]
+    captured = []
+    original = outputs.write_figure
+    figures.write_figure = lambda fig, dest, dpi=120: captured.append([ln.get_label() for ln in fig.axes[0].lines]) or original(fig, dest, dpi)
+    try:
+        written = figures.roc_pr_figures(curves, "t", tmp_path, "pdf")
+    finally:
+        figures.write_figure = original
+    assert [p.name for p in written] == ["roc.pdf", "pr.pdf"]
+    assert captured[0] == ["A: good (AUC 1.000)", "B: weak (AUC 0.778)", "chance"]
+    assert captured[1][-1] == "prevalence 0.500" and (tmp_path / "pr.pdf").read_bytes()[:4] == b"%PDF"

@@ -201,6 +201,7 @@ def _probe(args: argparse.Namespace) -> None:
         storage=args.storage,
         feature_prefix=args.feature_prefix,
         progress=not args.quiet,
+        figure_format=args.figure_format,
     )
     if args.train_fraction != [1.0]:
         runs = run_fractions(args.features, args.label, args.out, args.train_fraction, args.repeats, **common)
@@ -210,7 +211,8 @@ def _probe(args: argparse.Namespace) -> None:
     result = run_probe(args.features, args.label, args.out, **common)
     _print_missing(json.loads(result.results.read_text())["n_missing_labels"], args.label)
     print(f"test {result.scoring}: {result.test_metric}  (best C {result.best_c:.3g})")
-    print(f"results in {result.results} (and results.md, predictions.csv, roc.png, pr.png); probe {result.probe}")
+    fmt = args.figure_format
+    print(f"results in {result.results} (and results.md, predictions.csv, roc.{fmt}, pr.{fmt}); probe {result.probe}")
 
 
 def _survival(args: argparse.Namespace) -> None:
@@ -530,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-fraction", type=float, nargs="+", default=[1.0], help="e.g. 1 0.5 0.2 0.1")
     p.add_argument("--repeats", type=int, default=3, help="draws per train fraction below 1")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--figure-format", default="png", choices=["png", "svg", "pdf"], help="ROC and PR figures' format")
     p.add_argument(
         "--scoring", default="roc_auc", choices=["roc_auc", "average_precision", "balanced_accuracy", "accuracy"]
     )

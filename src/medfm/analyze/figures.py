@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medfm.analyze.report import pyplot, save_figure
+from medfm.analyze.report import save_figure
+from medfm.data.outputs import pyplot
 
 PLANES = ("axial", "coronal", "sagittal")
 

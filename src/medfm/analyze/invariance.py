@@ -20,7 +20,6 @@ from medfm.analyze.models import AnalysisModel
 from medfm.analyze.report import (
     interval_text,
     markdown_table,
-    pyplot,
     save_figure,
     write_csv,
     write_row_errors,
@@ -29,6 +28,7 @@ from medfm.analyze.report import (
 from medfm.analyze.similarity import Whitener, fit_whitener, mean_interval, similarities
 from medfm.analyze.transforms import FLIP_AXES, UNITS, Level, apply_transform, sweep
 from medfm.data.manifest import Manifest
+from medfm.data.outputs import pyplot
 from medfm.errors import ConfigError
 from medfm.progress import progress_bar
 

@@ -25,7 +25,6 @@ from medfm.analyze.inputs import open_manifest, read_inputs
 from medfm.analyze.models import AnalysisModel, main_stages
 from medfm.analyze.report import (
     markdown_table,
-    pyplot,
     save_figure,
     slug,
     write_csv,
@@ -33,7 +32,7 @@ from medfm.analyze.report import (
     write_summary,
 )
 from medfm.data.manifest import Manifest
-from medfm.data.outputs import FinishedRows
+from medfm.data.outputs import FinishedRows, pyplot
 from medfm.errors import ModelError
 from medfm.progress import progress_bar
 from medfm.seeding import seeded

@@ -5,33 +5,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
 
 import medfm
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
-
-
-def pyplot() -> ModuleType:
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from medfm.data.outputs import atomic_path, write_errors, write_figure, write_json, write_table
 
 
 def save_figure(fig: object, path: str | os.PathLike[str], dpi: int = 110) -> Path:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    plt = pyplot()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    """Write a matplotlib figure atomically (format from the suffix: png, svg, pdf) and close it."""
+    return write_figure(fig, path, dpi=dpi)
 
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,6 +101,33 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_figure(fig: Any, dest: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Write a matplotlib figure atomically in the format its suffix names (png, svg or pdf), then close it."""
+    dest = Path(dest)
+    fmt = dest.suffix.lower().lstrip(".")
+    if fmt not in FIGURE_FORMATS:
+        from medfm.errors import ConfigError
+
+        raise ConfigError(f"figure format {fmt!r} of {dest}; allowed {list(FIGURE_FORMATS)}")
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return dest
 
 
 def write_weights(module: nn.Module, dest: str | os.PathLike[str]) -> Path:

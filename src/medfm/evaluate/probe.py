@@ -24,6 +24,7 @@ from medfm.evaluate.features import (
     read_labelled,
     table_provenance,
 )
+from medfm.evaluate.figures import Scores, describe_features, roc_pr_figures
 from medfm.evaluate.linear import LinearProbe
 from medfm.evaluate.metrics import METRICS, Interval, bootstrap_ci, delong_test, paired_bootstrap
 from medfm.progress import progress_bar
@@ -66,6 +67,7 @@ def run_probe(
     fraction_seed: int = 0,
     provenance: dict | None = None,
     label_missing: Sequence[str] | None = None,
+    figure_format: str = "png",
 ) -> ProbeResult:
     """Fit a probe on train(+val) with a searched C, refit on train+val, judge it once on test.
 
@@ -103,6 +105,9 @@ def run_probe(
     predictions = pd.DataFrame({"row": data.rows[test], label: y[test]})
     if group:
         predictions[group] = groups[test]
+    # the table's own columns (patient and image IDs, coordinates, split) beside each prediction
+    kept = [c for c in table.columns if c not in set(columns) | set(predictions.columns)]
+    predictions = pd.concat([predictions, table.iloc[test][kept].reset_index(drop=True)], axis=1)
     for k, c in enumerate(probe.classes_):
         predictions[f"proba_{c}"] = proba[:, k]
     predictions["predicted"] = probe.classes_[np.argmax(proba, axis=1)]
@@ -131,7 +136,13 @@ def run_probe(
     }
     results = write_json(summary, out / "results.json")
     (out / "results.md").write_text(_markdown(summary, metrics))
-    _plot_curves(y[test], proba, probe.classes_, metrics, out)
+    model, dataset = describe_features(features)
+    positives = probe.classes_[1:] if len(probe.classes_) == 2 else probe.classes_
+    curves = [Scores(str(c) if len(positives) > 1 else model, (y[test] == c).astype(int),
+                     proba[:, list(probe.classes_).index(c)]) for c in positives]  # fmt: skip
+    what = f"{label} = {positives[0]}" if len(positives) == 1 else f"{label}, one class against the rest"
+    title = f"{model} on {dataset}: {what}; test split, n = {len(test)}"
+    roc_pr_figures(curves, title, out, figure_format)
     return ProbeResult(scoring, metrics, probe.best_c_, out, results, probe_path)
 
 
@@ -162,40 +173,6 @@ def _markdown(summary: dict, metrics: dict[str, Interval]) -> str:
     for part, counts in summary["class_balance"].items():
         lines.append(f"- {part}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return "\n".join(lines) + "\n"
-
-
-def _plot_curves(
-    y: np.ndarray, proba: np.ndarray, classes: np.ndarray, metrics: dict[str, Interval], out: Path
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    shown = [classes[1]] if len(classes) == 2 else list(classes)
-    for kind, metric in (("roc", "roc_auc"), ("pr", "average_precision")):
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for c in shown:
-            k = list(classes).index(c)
-            truth = (y == c).astype(int)
-            if truth.min() == truth.max():
-                continue
-            if kind == "roc":
-                a, b, _ = roc_curve(truth, proba[:, k])
-            else:
-                b, a, _ = precision_recall_curve(truth, proba[:, k])
-            ax.plot(a, b, label=f"{c}" if len(shown) > 1 else None)
-        if kind == "roc":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-        ax.set_xlabel("false positive rate" if kind == "roc" else "recall")
-        ax.set_ylabel("true positive rate" if kind == "roc" else "precision")
-        ax.set_title(f"{metric} {metrics[metric]}")
-        if len(shown) > 1:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{kind}.png", dpi=100)
-        plt.close(fig)
 
 
 def predict(
@@ -377,4 +354,29 @@ def compare_tables(
         run_probe(features, label, out / name, n_bootstrap=n_bootstrap, **probe_args).results
         for name, features in (("a", features_a), ("b", features_b))
     ]
+    _plot_both(features_a, features_b, label, out, str(probe_args.get("figure_format", "png")))
     return compare(results[0], results[1], n_bootstrap=n_bootstrap, seed=int(probe_args.get("seed", 0)))
+
+
+def _plot_both(
+    features_a: str | os.PathLike[str] | pd.DataFrame,
+    features_b: str | os.PathLike[str] | pd.DataFrame,
+    label: str,
+    out: Path,
+    figure_format: str,
+) -> None:
+    """Both probes' ROC and PR curves on one pair of axes (binary labels; the same test rows)."""
+    tables = [pd.read_csv(out / name / "predictions.csv") for name in ("a", "b")]
+    proba = [c for c in tables[0].columns if c.startswith("proba_")]
+    if len(proba) != 2:
+        return  # several classes: each probe's own one-against-the-rest figures stand
+    names = [describe_features(f)[0] for f in (features_a, features_b)]
+    names = [f"A: {names[0]}", f"B: {names[1]}"]
+    positive = proba[1][len("proba_") :]
+    curves = [
+        Scores(name, (t[label].astype(str) == positive).astype(int).to_numpy(), t[proba[1]].to_numpy())
+        for name, t in zip(names, tables)
+    ]
+    dataset = describe_features(features_a)[1]
+    title = f"{dataset}: {label} = {positive}; test split, n = {len(tables[0])}"
+    roc_pr_figures(curves, title, out, figure_format)
