@@ -648,20 +648,14 @@ def _lightning(command: str, argv: list[str]) -> int:
     """``medfm pretrain|finetune``: export / sweep here; fit, --print_config, … go to LightningCLI."""
     if command == "pretrain" and argv[:1] == ["export"]:
         return _run(_pretrain_export_parser().parse_args(argv[1:]))
-    if command == "finetune" and argv[:1] == ["sweep"]:
-        from medfm.finetune.launch import run_cli as finetune_cli
-        from medfm.train.sweep import run_sweep, sweep_parser
-
-        args = sweep_parser("finetune").parse_args(argv[1:])
-        return run_guarded(
-            lambda: run_sweep(args, finetune_cli), "finished runs are kept; the same sweep goes on from there"
-        )
     if command == "pretrain":
         from medfm.pretrain.launch import run_cli
-    else:
-        from medfm.finetune.launch import run_cli
 
-    return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
+        return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
+    from medfm.finetune.launch import run_cli
+    from medfm.train.cli import command_main
+
+    return command_main("finetune", argv, run_cli)
 
 
 def _command_package(command: str, argv: list[str]) -> int:

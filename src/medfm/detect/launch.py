@@ -14,7 +14,13 @@ from pathlib import Path
 
 from medfm.detect.data import DetectData
 from medfm.detect.module import DetectModule
-from medfm.train.cli import EvaluatedCLI, MedfmCLI, fit_summary, launch
+from medfm.train.cli import EvaluatedCLI, MedfmCLI, command_main, fit_summary, launch
+
+DESCRIPTION = (
+    "Box detection (Faster R-CNN / RetinaNet + FPN) on any 2D trunk: `fit --config det.yaml` "
+    "(configs/detect/). Predict: `medfm detect predict MODEL_CARD_OR_CKPT MANIFEST --out boxes.csv`. Fractions × "
+    "seeds: `medfm detect sweep --config det.yaml --out DIR --fractions 1 0.1 --repeats 3`."
+)
 
 
 class DetectCLI(EvaluatedCLI):
@@ -34,17 +40,7 @@ class DetectCLI(EvaluatedCLI):
 
 def run_cli(args: list[str] | None = None) -> MedfmCLI:
     """Run ``medfm detect`` with LightningCLI on ``args`` (e.g. ``["fit", "--config", "det.yaml"]``)."""
-    return launch(
-        DetectModule,
-        DetectData,
-        args,
-        prog="medfm detect",
-        default_root="outputs/detect",
-        cli_class=DetectCLI,
-        description="Box detection (Faster R-CNN / RetinaNet + FPN) on any 2D trunk: `fit --config det.yaml` "
-        "(configs/detect/). Predict: `medfm detect predict MODEL_CARD_OR_CKPT MANIFEST --out boxes.csv`. Fractions × "
-        "seeds: `medfm detect sweep --config det.yaml --out DIR --fractions 1 0.1 --repeats 3`.",
-    )
+    return launch(DetectModule, DetectData, args, "detect", DESCRIPTION, DetectCLI)
 
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -64,6 +60,14 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _predict_command(argv: list[str]) -> int:
+    """``medfm detect predict …``."""
+    from medfm.errors import run_guarded
+
+    args = predict_parser().parse_args(argv)
+    return run_guarded(lambda: _predict(args))
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -86,19 +90,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     """``medfm detect``: ``predict`` and ``sweep`` here; fit, validate, --print_config, --help go to LightningCLI."""
-    from medfm.errors import run_guarded
-
-    if argv[:1] == ["predict"]:
-        args = predict_parser().parse_args(argv[1:])
-        return run_guarded(lambda: _predict(args))
-    if argv[:1] == ["sweep"]:
-        from medfm.train.sweep import run_sweep, sweep_parser
-
-        args = sweep_parser("detect").parse_args(argv[1:])
-        return run_guarded(
-            lambda: run_sweep(args, run_cli), "finished runs are kept; the same sweep goes on from there"
-        )
-    return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
+    return command_main("detect", argv, run_cli, _predict_command)
 
 
 if __name__ == "__main__":  # `python -m medfm.detect.launch fit …` (DDP relaunches the same command line)

@@ -26,37 +26,14 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
-from medfm.errors import ConfigError, ModelError
-from medfm.models import hub
-from medfm.models.registry import build_trunk, get_entry, list_models
-from medfm.models.transfer import TransferReport, transfer_weights
+from medfm.errors import ConfigError
+from medfm.models.init_weights import initialise
+from medfm.models.registry import build_trunk
+from medfm.models.stages import trunk_blocks, trunk_stages
+from medfm.models.transfer import TransferReport
 from medfm.train.freeze import freeze_blocks
 
 ARCHS = ("faster_rcnn", "retinanet")
-STAGES = {
-    "resnet": ["layer1", "layer2", "layer3", "layer4"],
-    "densenet": ["features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"],
-}
-
-
-def trunk_family(trunk: nn.Module) -> str:
-    """``resnet`` or ``densenet`` from the trunk's modules (the families whose stages the detector taps)."""
-    names = {name for name, _ in trunk.named_modules()}
-    if {"layer1", "layer4"} <= names:
-        return "resnet"
-    if {"features.denseblock1", "features.norm5"} <= names:
-        return "densenet"
-    raise ModelError(
-        "detection needs a trunk of the ResNet or DenseNet family (layer1…layer4 or features.denseblock1…4); "
-        f"this one has top-level blocks {[n for n, _ in trunk.named_children()]}"
-    )
-
-
-def trunk_blocks(trunk: nn.Module) -> list[str]:
-    """The trunk's blocks in order, as dotted names: its children, or those of ``features`` (DenseNet)."""
-    if trunk_family(trunk) == "densenet":
-        return [f"features.{name}" for name, _ in trunk.features.named_children()]
-    return [name for name, _ in trunk.named_children()]
 
 
 def freeze_trunk(trunk: nn.Module, freeze: str) -> list[str]:
@@ -65,30 +42,12 @@ def freeze_trunk(trunk: nn.Module, freeze: str) -> list[str]:
     return freeze_blocks(trunk, trunk_blocks(trunk), freeze, "trunk")
 
 
-def initialise_trunk(
-    trunk: nn.Module, trunk_name: str, init: str | None, min_coverage: float = 0.5
-) -> TransferReport | None:
-    """Weights into the trunk as fine-tuning does: ``random`` (None), ``published`` (the trunk's own), a registered
-    model's name (its weights, in its layout), or a checkpoint path (layout detected)."""
-    if init in ("random", "", None):
-        return None
-    if init == "published" or init in list_models():
-        name = trunk_name if init == "published" else init
-        entry = get_entry(name)
-        if entry.weights is None:
-            raise ModelError(f"init={init}: model {name} has no weights to start from")
-        return transfer_weights(
-            hub.resolve(entry.weights, name), trunk, min_coverage=min_coverage, layout=entry.weights.layout
-        )
-    return transfer_weights(init, trunk, min_coverage=min_coverage)
-
-
 class TrunkFPN(nn.Module):
     """The trunk's stage outputs (``body``, torchvision names kept) through a feature pyramid (``fpn``)."""
 
     def __init__(self, trunk: nn.Module, arch: str, channels: int = 256, in_channels: int = 1) -> None:
         super().__init__()
-        stages = STAGES[trunk_family(trunk)]
+        stages = [stage.output for stage in trunk_stages(trunk, "detection")[1:]]  # strides 4 … 32
         if arch == "retinanet":
             stages = stages[1:]
         self.body = create_feature_extractor(trunk, return_nodes={name: str(i) for i, name in enumerate(stages)})
@@ -184,7 +143,7 @@ def make_detector(
 ) -> tuple[nn.Module, TransferReport | None, list[str]]:
     """The whole detector from a registered trunk name: (detector, transfer report or None, frozen blocks)."""
     trunk, _ = build_trunk(trunk_name, in_channels)
-    report = initialise_trunk(trunk, trunk_name, init, min_coverage)
+    report = initialise(trunk, trunk_name, init, min_coverage)
     frozen = freeze_trunk(trunk, freeze)
     backbone = TrunkFPN(trunk, arch, fpn_channels, in_channels)
     detector = build_detector(arch, backbone, num_classes, image_size, mean, std, **detector_args)

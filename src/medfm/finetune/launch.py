@@ -15,6 +15,11 @@ from medfm.finetune.module import FinetuneModule
 from medfm.finetune.outputs import write_run_outputs
 from medfm.train.cli import EvaluatedCLI, MedfmCLI, fit_summary, launch
 
+DESCRIPTION = (
+    "Fine-tune a trunk with a head: `fit --config task.yaml` (configs/finetune/). Fractions × seeds: "
+    "`medfm finetune sweep --config task.yaml --out DIR --fractions 1 0.1 --repeats 3`."
+)
+
 
 class FinetuneCLI(EvaluatedCLI):
     """After fit: test the restored best weights once, then write results, curves and the model card."""
@@ -26,13 +31,4 @@ class FinetuneCLI(EvaluatedCLI):
 
 def run_cli(args: list[str] | None = None) -> MedfmCLI:
     """Run ``medfm finetune`` with LightningCLI on ``args`` (e.g. ``["fit", "--config", "task.yaml"]``)."""
-    return launch(
-        FinetuneModule,
-        FinetuneData,
-        args,
-        prog="medfm finetune",
-        default_root="outputs/finetune",
-        cli_class=FinetuneCLI,
-        description="Fine-tune a trunk with a head: `fit --config task.yaml` (configs/finetune/). Fractions × seeds: "
-        "`medfm finetune sweep --config task.yaml --out DIR --fractions 1 0.1 --repeats 3`.",
-    )
+    return launch(FinetuneModule, FinetuneData, args, "finetune", DESCRIPTION, FinetuneCLI)

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from sklearn.metrics import classification_report
 from torch import nn
 
-from medfm.errors import ConfigError, ModelError
+from medfm.errors import ConfigError
 from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval, score
 from medfm.finetune.losses import cox_loss
-from medfm.models import hub
-from medfm.models.registry import build_trunk, get_entry, list_models
+from medfm.models.init_weights import initialise
+from medfm.models.registry import build_trunk
 from medfm.models.registry import trunk_args as resolve_trunk_args
-from medfm.models.transfer import transfer_weights
+from medfm.models.stages import trunk_blocks
 from medfm.train.distributed import gather
 from medfm.train.freeze import freeze_blocks
 from medfm.train.task import EvaluatedTask, Rows
@@ -121,7 +121,7 @@ class FinetuneModule(EvaluatedTask):
             raise ConfigError(f"task={task!r}; allowed {TASKS}")
         super().__init__(**kwargs)
         self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
-        self.init_report = self._initialise(init, min_coverage)
+        self.init_report = initialise(self.trunk, trunk, init, min_coverage)
         out_dim = num_classes if task == "multiclass" else 1
         widths = list(head or [out_dim])
         if len(widths) > 1 and widths[0] == self.feature_dim:
@@ -138,36 +138,17 @@ class FinetuneModule(EvaluatedTask):
         self.test_report: dict[str, object] = {}
         self._class_weights: torch.Tensor | None = None
 
-    def _initialise(self, init: str, min_coverage: float) -> object | None:
-        """Move weights into the trunk: published, a registered model's, or a checkpoint's (None for random)."""
-        if init in ("random", "", None):
-            return None
-        if init == "published" and self.hparams.trunk not in list_models():
-            raise ModelError(
-                f"init=published: trunk {self.hparams.trunk!r} is an architecture, not a registered model with "
-                "published weights; name a registered trunk (e.g. fmcib-resnet50), a registered model or a checkpoint"
-            )
-        if init == "published" or init in list_models():
-            name = self.hparams.trunk if init == "published" else init
-            entry = get_entry(name)
-            if entry.weights is None:
-                raise ConfigError(f"model {name} has no weights to start from")
-            return transfer_weights(
-                hub.resolve(entry.weights, name), self.trunk, min_coverage=min_coverage, layout=entry.weights.layout
-            )
-        return transfer_weights(init, self.trunk, min_coverage=min_coverage)
-
     def _freeze(self, freeze: str) -> list[str]:
-        """Freeze trunk blocks; returns the names of the frozen children."""
-        return freeze_blocks(self.trunk, [name for name, _ in self.trunk.named_children()], freeze, "trunk")
+        """Freeze trunk blocks (:func:`medfm.models.stages.trunk_blocks`); returns their dotted names."""
+        return freeze_blocks(self.trunk, trunk_blocks(self.trunk), freeze, "trunk")
 
     def trunk_module(self) -> nn.Module:
         """The trunk (``lr_trunk``; the head trains at ``lr_head``)."""
         return self.trunk
 
     def frozen_modules(self) -> list[nn.Module]:
-        """The trunk's frozen children."""
-        return [getattr(self.trunk, name) for name in self.frozen]
+        """The trunk's frozen blocks."""
+        return [self.trunk.get_submodule(name) for name in self.frozen]
 
     def setup(self, stage: str) -> None:
         """Check the data's task is the model's; class weights from the training rows when ``balanced``."""

@@ -55,8 +55,7 @@ def run_cli(args: list[str] | None = None) -> MedfmCLI:
         PretrainModule,
         PretrainData,
         args,
-        prog="medfm pretrain",
-        default_root="outputs/pretrain",
+        "pretrain",
         cli_class=PretrainCLI,
         description="Pre-train a trunk: `fit --config run.yaml` (configs/pretrain/). "
         "Register the result with `medfm pretrain export CKPT --name NAME`.",

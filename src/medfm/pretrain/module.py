@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfm.errors import ConfigError
+from medfm.models.init_weights import initialise
 from medfm.models.registry import build_trunk
 from medfm.models.registry import trunk_args as resolve_trunk_args
-from medfm.models.transfer import transfer_weights
 from medfm.pretrain.losses import distributed_contrastive
 from medfm.pretrain.monitor import knn_scores
 from medfm.train.distributed import world
@@ -94,7 +94,7 @@ class PretrainModule(pl.LightningModule):
             raise ConfigError("method supervised needs num_classes")
         self.save_hyperparameters()
         self.trunk, self.feature_dim = build_trunk(trunk, in_channels, **resolve_trunk_args(trunk, trunk_args))
-        self.transfer_report = transfer_weights(init_weights, self.trunk) if init_weights else None
+        self.transfer_report = initialise(self.trunk, trunk, init_weights, min_coverage=0.0)
         if method == "supervised":
             self.head = nn.Linear(self.feature_dim, int(num_classes))
         else:

@@ -15,7 +15,13 @@ from pathlib import Path
 
 from medfm.segment.data import SegmentData, linked_class_names
 from medfm.segment.module import SegmentModule
-from medfm.train.cli import EvaluatedCLI, MedfmCLI, launch
+from medfm.train.cli import EvaluatedCLI, MedfmCLI, command_main, launch
+
+DESCRIPTION = (
+    "Train a U-Net on a pre-trained encoder: `fit --config seg.yaml` (configs/segment/). Also "
+    "`medfm segment predict MODEL_CARD MANIFEST --out DIR [--overlays]` and "
+    "`medfm segment sweep --config seg.yaml --out DIR --fractions 1 0.1 --repeats 3`."
+)
 
 
 class SegmentCLI(EvaluatedCLI):
@@ -45,17 +51,7 @@ class SegmentCLI(EvaluatedCLI):
 
 def run_cli(args: list[str] | None = None) -> MedfmCLI:
     """Run ``medfm segment`` with LightningCLI on ``args`` (e.g. ``["fit", "--config", "seg.yaml"]``)."""
-    return launch(
-        SegmentModule,
-        SegmentData,
-        args,
-        prog="medfm segment",
-        default_root="outputs/segment",
-        cli_class=SegmentCLI,
-        description="Train a U-Net on a pre-trained encoder: `fit --config seg.yaml` (configs/segment/). Also "
-        "`medfm segment predict MODEL_CARD MANIFEST --out DIR [--overlays]` and "
-        "`medfm segment sweep --config seg.yaml --out DIR --fractions 1 0.1 --repeats 3`.",
-    )
+    return launch(SegmentModule, SegmentData, args, "segment", DESCRIPTION, SegmentCLI)
 
 
 def _predict_parser() -> argparse.ArgumentParser:
@@ -81,6 +77,14 @@ def _predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _predict_command(argv: list[str]) -> int:
+    """``medfm segment predict …``."""
+    from medfm.errors import run_guarded
+
+    args = _predict_parser().parse_args(argv)
+    return run_guarded(lambda: _predict(args), "finished rows are kept, continue with --resume")
+
+
 def _predict(args: argparse.Namespace) -> None:
     """Segment a manifest with a trained model and say where the masks went."""
     from medfm.segment.predict import predict_manifest
@@ -101,19 +105,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     """``medfm segment …``: ``predict`` and ``sweep`` here; ``fit``, ``validate``, ``--help`` … go to LightningCLI."""
-    from medfm.errors import run_guarded
-
-    if argv[:1] == ["predict"]:
-        args = _predict_parser().parse_args(argv[1:])
-        return run_guarded(lambda: _predict(args), "finished rows are kept, continue with --resume")
-    if argv[:1] == ["sweep"]:
-        from medfm.train.sweep import run_sweep, sweep_parser
-
-        args = sweep_parser("segment").parse_args(argv[1:])
-        return run_guarded(
-            lambda: run_sweep(args, run_cli), "finished runs are kept; the same sweep goes on from there"
-        )
-    return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
+    return command_main("segment", argv, run_cli, _predict_command)
 
 
 if __name__ == "__main__":  # `python -m medfm.segment.launch fit …` (DDP relaunches the same command line)

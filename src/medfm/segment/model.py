@@ -16,40 +16,13 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medfm.errors import ConfigError, ModelError
-from medfm.models import hub
-from medfm.models.registry import build_trunk, get_entry, list_models
+from medfm.errors import ConfigError
+from medfm.models.init_weights import initialise
+from medfm.models.registry import build_trunk
 from medfm.models.registry import trunk_args as resolve_trunk_args
-from medfm.models.transfer import TransferReport, transfer_weights
+from medfm.models.stages import run_stages, stage_channels, trunk_blocks, trunk_stages
+from medfm.models.transfer import TransferReport
 from medfm.train.freeze import freeze_blocks
-
-# Stages of each encoder family: the child modules run in turn; the output after each stage is a skip.
-_RESNET_TV = [["conv1", "bn1", "relu"], ["maxpool", "layer1"], ["layer2"], ["layer3"], ["layer4"]]
-_RESNET_MONAI = [["conv1", "bn1", "act"], ["maxpool", "layer1"], ["layer2"], ["layer3"], ["layer4"]]
-_DENSENET = [
-    ["features.conv0", "features.norm0", "features.relu0"],
-    ["features.pool0", "features.denseblock1"],
-    ["features.transition1", "features.denseblock2"],
-    ["features.transition2", "features.denseblock3"],
-    ["features.transition3", "features.denseblock4", "features.norm5"],
-]
-
-
-def encoder_stages(trunk: nn.Module) -> list[list[str]]:
-    """The stage layout of a trunk (module paths per stage); ModelError for an unsupported family."""
-    names = {name for name, _ in trunk.named_modules()}
-    for stages in (_RESNET_TV, _RESNET_MONAI, _DENSENET):
-        if all(path in names for stage in stages for path in stage if path != "maxpool"):
-            return stages
-    raise ModelError(
-        f"{type(trunk).__name__} cannot be a U-Net encoder here: supported are ResNets (2D torchvision, 3D resnet3d) "
-        "and DenseNets (2D torchvision)"
-    )
-
-
-def encoder_blocks(trunk: nn.Module) -> list[str]:
-    """The encoder's blocks in order, as ``freeze: encoder-until-BLOCK`` names them (e.g. conv1 … layer4)."""
-    return [path for stage in encoder_stages(trunk) for path in stage]
 
 
 def _conv(dims: int) -> type[nn.Module]:
@@ -84,14 +57,14 @@ class SegmentationUNet(nn.Module):
     def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: list[int] | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.stages = encoder_stages(encoder)
+        self.stages = trunk_stages(encoder, "a U-Net encoder")
         first = next(m for m in encoder.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
         self.dims = 3 if isinstance(first, nn.Conv3d) else 2
         self.in_channels = int(first.in_channels)
         widths = list(decoder_channels or [256, 128, 64, 32, 16])
         if len(widths) != len(self.stages):
             raise ConfigError(f"decoder_channels needs {len(self.stages)} widths (deepest first), got {widths}")
-        skips = self._skip_channels()
+        skips = stage_channels(encoder, self.stages, self.in_channels, self.dims)
         blocks = []
         previous = skips[-1]
         for skip, width in zip([*skips[-2::-1], 0], widths):
@@ -101,25 +74,9 @@ class SegmentationUNet(nn.Module):
         self.head = _conv(self.dims)(previous, num_classes, 1)
         self.num_classes = num_classes
 
-    @torch.no_grad()
-    def _skip_channels(self) -> list[int]:
-        was_training = self.encoder.training
-        self.encoder.eval()
-        size = (1, self.in_channels, *([32] * self.dims)) if self.dims == 3 else (1, self.in_channels, 64, 64)
-        channels = [f.shape[1] for f in self.features(torch.zeros(size))]
-        self.encoder.train(was_training)
-        return channels
-
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's outputs after each stage (finest first)."""
-        out = []
-        for stage in self.stages:
-            for path in stage:
-                if path == "maxpool" and not hasattr(self.encoder, "maxpool"):
-                    continue
-                x = self.encoder.get_submodule(path)(x)
-            out.append(x)
-        return out
+        return run_stages(self.encoder, self.stages, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits at the input's resolution."""
@@ -163,28 +120,9 @@ def initialise_encoder(
     min_coverage: float = 0.5,
     inflate: bool = False,
 ) -> TransferReport | None:
-    """Move weights into the encoder only, as fine-tuning does for its trunk: ``random`` (None), ``published``, a
-    registered model name, or a checkpoint path; ``inflate`` turns 2D weights into a 3D encoder's."""
-    if init in ("random", "", None):
-        return None
-    if init == "published" and encoder not in list_models():
-        raise ModelError(
-            f"init=published: encoder {encoder!r} is an architecture, not a registered model with published weights; "
-            "name a registered model or a checkpoint"
-        )
-    if init == "published" or init in list_models():
-        name = encoder if init == "published" else init
-        entry = get_entry(name)
-        if entry.weights is None:
-            raise ModelError(f"model {name} has no weights to start from")
-        return transfer_weights(
-            hub.resolve(entry.weights, name),
-            model.encoder,
-            inflate=inflate,
-            min_coverage=min_coverage,
-            layout=entry.weights.layout,
-        )
-    return transfer_weights(init, model.encoder, inflate=inflate, min_coverage=min_coverage)
+    """Move weights into the encoder only (:func:`medfm.models.init_weights.initialise`); ``inflate`` turns 2D
+    weights into a 3D encoder's."""
+    return initialise(model.encoder, encoder, init, min_coverage, inflate)
 
 
 @dataclass
@@ -232,4 +170,4 @@ def init_report(model: SegmentationUNet, init: str, report: TransferReport | Non
 
 def freeze_encoder(model: SegmentationUNet, freeze: str) -> list[str]:
     """Freeze ``encoder`` or ``encoder-until-BLOCK`` (blocks up to and including it); returns the frozen paths."""
-    return freeze_blocks(model.encoder, encoder_blocks(model.encoder), freeze, "encoder")
+    return freeze_blocks(model.encoder, trunk_blocks(model.encoder), freeze, "encoder")

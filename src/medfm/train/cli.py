@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -243,13 +244,14 @@ def launch(
     module: type[pl.LightningModule],
     data: type[pl.LightningDataModule],
     args: list[str] | None,
-    prog: str,
-    default_root: str,
-    callbacks: list[Callback] | None = None,
-    cli_class: type[MedfmCLI] = MedfmCLI,
+    command: str,
     description: str = "",
+    cli_class: type[MedfmCLI] = MedfmCLI,
+    callbacks: list[Callback] | None = None,
 ) -> MedfmCLI:
-    """Run LightningCLI (``cli_class``) for ``module`` + ``data`` on ``args`` with medfm's defaults."""
+    """Run LightningCLI (``cli_class``) for ``module`` + ``data`` on ``args`` with medfm's defaults, as
+    ``medfm COMMAND`` writing under ``outputs/COMMAND`` unless the config names a ``default_root_dir``."""
+    prog, default_root = f"medfm {command}", f"outputs/{command}"
     # sys.argv stays as it is ("medfm pretrain ..."): DDP relaunches the same command line in each process.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     args, verbose = lightning_verbosity(sys.argv[1:] if args is None else args)
@@ -276,3 +278,24 @@ def launch(
             "description": f"{description} Lightning's console notes are shown with --verbose.".strip(),
         },
     )
+
+
+def command_main(
+    command: str,
+    argv: list[str],
+    run_cli: Callable[[list[str]], object],
+    predict: Callable[[list[str]], int] | None = None,
+) -> int:
+    """``medfm COMMAND …`` of a training command: ``predict`` (when it has one) and ``sweep`` here; ``fit``,
+    ``validate``, ``--print_config``, ``--help`` … go to LightningCLI (``run_cli``)."""
+    from medfm.errors import run_guarded
+    from medfm.train.sweep import run_sweep, sweep_parser
+
+    if predict is not None and argv[:1] == ["predict"]:
+        return predict(argv[1:])
+    if argv[:1] == ["sweep"]:
+        args = sweep_parser(command).parse_args(argv[1:])
+        return run_guarded(
+            lambda: run_sweep(args, run_cli), "finished runs are kept; the same sweep goes on from there"
+        )
+    return run_guarded(lambda: run_cli(argv), "continue with --ckpt_path last")
