@@ -84,3 +84,20 @@ def test_one_init_vocabulary(tmp_path):
         initialise(trunk, "resnet18", "pubished")
     with pytest.raises(ModelError, match="architecture, not a registered model"):
         initialise(build_trunk("resnet3d", 1, depth=10)[0], "resnet3d", "published")
+
+
+def test_pretrain_init_weights_speaks_the_same_vocabulary(tmp_path):
+    """pretrain's init_weights takes what init takes: a checkpoint path, and `published` is understood (an
+    architecture has none: said plainly, not "file not found")."""
+    from medfm.pretrain.module import PretrainModule
+
+    small = {"depth": 10, "widen_factor": 0.25}
+    source = PretrainModule(trunk="resnet3d", trunk_args=small)
+    path = tmp_path / "trunk.pt"
+    torch.save(source.trunk.state_dict(), path)
+    module = PretrainModule(trunk="resnet3d", trunk_args=small, init_weights=str(path))
+    assert module.transfer_report.coverage == pytest.approx(1.0)
+    assert torch.equal(module.trunk.conv1.weight, source.trunk.conv1.weight)
+    assert PretrainModule(trunk="resnet3d", trunk_args=small, init_weights="random").transfer_report is None
+    with pytest.raises(ModelError, match="architecture, not a registered model"):
+        PretrainModule(trunk="resnet3d", trunk_args=small, init_weights="published")
