@@ -19,7 +19,7 @@ from medfm.data.outputs import sidecar_path
 from medfm.data.patches import crop_patch
 from medfm.data.profiles import get_profile
 from medfm.data.synthetic import make_demo_dataset
-from medfm.errors import MedfmError, RowError, WeightsError
+from medfm.errors import ConfigError, MedfmError, RowError, WeightsError
 from medfm.features.extract import FeatureRunner, extract_features
 from medfm.models import load_model
 
@@ -388,3 +388,12 @@ def test_resume_recomputes_rows_whose_inputs_changed(demo, tmp_path, monkeypatch
     got, want = pd.read_parquet(out), pd.read_parquet(tmp_path / "fresh.parquet")
     pd.testing.assert_frame_equal(got.drop(columns=FEATS), want.drop(columns=FEATS))
     np.testing.assert_allclose(got[FEATS].to_numpy(), want[FEATS].to_numpy(), atol=1e-5)
+
+
+def test_weights_none_needs_an_explicit_random_init(demo, tmp_path):
+    out = tmp_path / "f.parquet"
+    with pytest.raises(ConfigError, match=r"randomly initialised trunk: pass random_init=True"):
+        run(demo.manifest, out, random_init=False, weights=None)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    result = run(demo.manifest, out, random_init=True, weights=None)
+    assert result.n_rows == len(demo.manifest)

@@ -17,7 +17,8 @@ from medfm.cli import main
 from medfm.data.outputs import write_feature_table
 from medfm.errors import ManifestError, MedfmError
 from medfm.evaluate.features import feature_columns, read_labelled
-from medfm.evaluate.probe import compare, predict, run_probe
+from medfm.evaluate.fewshot import run_fewshot
+from medfm.evaluate.probe import compare, predict, run_fractions, run_probe
 
 N_FEATURES = 12
 FAST = {"trials": 5, "n_bootstrap": 200, "progress": False}
@@ -489,9 +490,12 @@ def test_cli_knn_and_fewshot(tmp_path, capsys):
     ]
     assert main(["fewshot", str(table), "--label", "y", "--episodes", "20", "--shots", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    # at 3 shots the standardised logistic head is noisier than the prototype on this one-feature signal
+    logistic = run_fewshot(make_table(seed=18), "y", shots=3, episodes=20, heads=("logistic",))[0]
     assert lines == [
-        "2-way 3-shot prototype: 1.000 ± 0.000 (20 episodes)",
-        "2-way 3-shot logistic: 1.000 ± 0.000 (20 episodes)",
+        "2-way 3-shot prototype: 1.000 ± 0.000 (n = 20 episodes)",
+        f"2-way 3-shot logistic: {logistic.mean:.3f} ± {logistic.ci95:.3f} (n = 20 episodes; C by 3-fold CV in the "
+        "support set)",
     ]
 
 
@@ -576,3 +580,37 @@ def test_several_models_share_one_roc_figure(tmp_path):
     assert [p.name for p in written] == ["roc.pdf", "pr.pdf"]
     assert captured[0] == ["A: good (AUC 1.000)", "B: weak (AUC 0.778)", "chance"]
     assert captured[1][-1] == "prevalence 0.500" and (tmp_path / "pr.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_train_fraction_subsamples_train_and_val_together(tmp_path):
+    """A fraction of the labelled rows is that share of train + val (the final probe is refit on both)."""
+    rng = np.random.default_rng(11)
+    side = np.repeat(["train", "val", "test"], [60, 20, 20])
+    y = np.tile([0, 1], 50)
+    table = pd.DataFrame(rng.normal(size=(100, 4)) + 3.0 * y[:, None], columns=[f"feat_{i}" for i in range(4)])
+    table["y"], table["split"] = y, side
+    runs = run_fractions(
+        table, "y", tmp_path, [1.0, 0.5, 0.2], repeats=2, search="grid", n_bootstrap=20, progress=False
+    )
+    expected = {1.0: (60, 20), 0.5: (30, 10), 0.2: (12, 4)}  # stratified by class and side, rounded per stratum
+    for _, run in runs.iterrows():
+        n_train, n_val = expected[run["fraction"]]
+        assert (run["n_train"], run["n_val"], run["n_labelled"]) == (n_train, n_val, n_train + n_val)
+        assert run["n_labelled_available"] == 80
+        folder = tmp_path / f"fraction_{run['fraction']:g}" / f"repeat_{run['repeat']}"
+        summary = json.loads((folder / "results.json").read_text())
+        assert (summary["n_train"], summary["n_val"], summary["n_labelled"], summary["n_test"]) == (
+            n_train,
+            n_val,
+            n_train + n_val,
+            20,
+        )
+        assert sum(summary["class_balance"]["development"].values()) == n_train + n_val
+    on_disk = pd.read_csv(tmp_path / "fractions.csv")
+    assert on_disk["n_labelled"].tolist() == [80, 40, 40, 16, 16]
+    assert "| 0.2 | 16 |" in (tmp_path / "fractions.md").read_text()
+    draws = [json.loads((tmp_path / "fraction_0.2" / f"repeat_{r}" / "results.json").read_text()) for r in (0, 1)]
+    assert draws[0]["fraction_seed"] != draws[1]["fraction_seed"]
+    # with folds over the development rows there is no single validation set
+    result = run_probe(table, "y", tmp_path / "cv", cv=3, search="grid", n_bootstrap=20, progress=False)
+    assert result.counts == {"n_train": 80, "n_val": None, "n_labelled": 80, "n_labelled_available": 80, "n_test": 20}

@@ -29,6 +29,21 @@ class Splits:
     test: np.ndarray
     folds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     how: str = ""
+    n_available: int = 0  # development rows before a train fraction was drawn
+
+    def counts(self) -> dict[str, int | None]:
+        """Labelled rows used: ``n_train`` and ``n_val`` of a train→val search (``n_val`` None when the search
+        used folds of the development rows), ``n_labelled`` (train + val, all refit into the final model),
+        ``n_labelled_available`` before any train fraction, and ``n_test``."""
+        single = len(self.folds) == 1 and len(np.intersect1d(*self.folds[0])) == 0
+        n_dev = len(self.development)
+        return {
+            "n_train": len(self.folds[0][0]) if single else n_dev,
+            "n_val": len(self.folds[0][1]) if single else None,
+            "n_labelled": n_dev,
+            "n_labelled_available": self.n_available or n_dev,
+            "n_test": len(self.test),
+        }
 
 
 def _kfold(
@@ -140,9 +155,12 @@ def make_splits(
 
     The search folds are the train→val split when the ``split`` column has val rows and no ``cv`` is
     given; else ``cv`` (default 5) grouped, stratified folds over train + val. ``train_fraction`` keeps a
-    stratified share of the training rows (validation and test rows stay as they are).
+    seeded share of the development rows as a whole — train and val together, stratified by label (and by side,
+    so train and val each keep that share of each class), whole groups kept or dropped — so that the final
+    probe, refit on train + val, learns from that share of the labelled rows; test rows stay as they are.
     """
     development, test = holdout(table, y, split_column, groups, test_size, seed)
+    available = len(development)
     has_column = bool(split_column and split_column in table.columns)
     if has_column and cv is None:
         names = _test_names(table, split_column)
@@ -150,9 +168,17 @@ def make_splits(
         val = np.flatnonzero((names == "val").to_numpy())
         if len(val) == 0:
             raise ManifestError(f"column {split_column} marks no row as val; give --cv K to search by folds")
-        train = subsample(train, y, groups, train_fraction, fraction_seed)
         development = np.sort(np.concatenate([train, val]))
-        return Splits(development, test, [(train, val)], f"{split_column} column: train→val search, test held out")
+        strata = np.asarray([f"{label}|{side}" for label, side in zip(y, names.to_numpy())], dtype=object)
+        development = subsample(development, strata, groups, train_fraction, fraction_seed)
+        train, val = np.intersect1d(train, development), np.intersect1d(val, development)
+        if len(val) == 0 or len(train) == 0:
+            raise ConfigError(
+                f"train fraction {train_fraction:g} leaves {len(train)} train and {len(val)} val rows; "
+                "give a larger fraction or search by folds (--cv K)"
+            )
+        how = f"{split_column} column: train→val search, test held out"
+        return Splits(development, test, [(train, val)], how, available)
     given_cv = cv is not None
     cv = cv or 5
     development = subsample(development, y, groups, train_fraction, fraction_seed)
@@ -169,7 +195,7 @@ def make_splits(
     )
     splits = _kfold(y[development], sub_groups, cv, seed, asked + " over the development rows", advice)
     folds = [(development[a], development[b]) for a, b in splits]
-    return Splits(development, test, folds, f"{source}; {cv}-fold search over the rest")
+    return Splits(development, test, folds, f"{source}; {cv}-fold search over the rest", available)
 
 
 def leaked_groups(splits: Splits, groups: np.ndarray) -> set[object]:

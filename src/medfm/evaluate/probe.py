@@ -7,7 +7,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class ProbeResult:
     out_dir: Path
     results: Path
     probe: Path
+    counts: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def test_metric(self) -> Interval:
@@ -127,6 +128,7 @@ def run_probe(
         "grouped_by": group,
         "train_fraction": train_fraction,
         "fraction_seed": fraction_seed,
+        **splits.counts(),
         "n_bootstrap": n_bootstrap,
         "seed": seed,
         "features": str(features) if not isinstance(features, pd.DataFrame) else "<DataFrame>",
@@ -143,7 +145,7 @@ def run_probe(
     what = f"{label} = {positives[0]}" if len(positives) == 1 else f"{label}, one class against the rest"
     title = f"{model} on {dataset}: {what}; test split, n = {len(test)}"
     roc_pr_figures(curves, title, out, figure_format)
-    return ProbeResult(scoring, metrics, probe.best_c_, out, results, probe_path)
+    return ProbeResult(scoring, metrics, probe.best_c_, out, results, probe_path, splits.counts())
 
 
 def _study_name(label: str, scoring: str, x: np.ndarray, y: np.ndarray, folds: list) -> str:
@@ -323,17 +325,22 @@ def run_fractions(
                     "low": m.low,
                     "high": m.high,
                     "best_c": result.best_c,
+                    **{k: result.counts[k] for k in ("n_train", "n_val", "n_labelled", "n_labelled_available")},
                 }
             )
     runs = pd.DataFrame(records)
     write_table(runs, out / "fractions.csv")
     summary = runs.groupby("fraction", sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    used = runs.groupby("fraction", sort=False)["n_labelled"].mean()
+    available = int(runs["n_labelled_available"].iloc[0])
     lines = [
-        f"| train fraction | test {runs['metric'].iloc[0]} (mean) | std over repeats | repeats |",
-        "| --- | --- | --- | --- |",
+        f"| train fraction | labelled rows used (of {available}) | test {runs['metric'].iloc[0]} (mean) "
+        "| std over repeats | repeats |",
+        "| --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {r.fraction:g} | {r['mean']:.3f} | {0 if np.isnan(r['std']) else r['std']:.3f} | {int(r['count'])} |"
+        f"| {r.fraction:g} | {used[r.fraction]:.0f} | {r['mean']:.3f} | {0 if np.isnan(r['std']) else r['std']:.3f} "
+        f"| {int(r['count'])} |"
         for _, r in summary.iterrows()
     ]
     (out / "fractions.md").write_text("\n".join(lines) + "\n")

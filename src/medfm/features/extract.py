@@ -235,6 +235,11 @@ def extract_features(
     so a killed run loses at most that much work; a resumed run recomputes rows whose inputs changed.
     """
     out = Path(out)
+    if weights is None and not random_init and not isinstance(model, LoadedModel):
+        raise ConfigError(
+            "weights=None would give features of a randomly initialised trunk: pass random_init=True to mean it "
+            "(the CLI's --random-init), or weights='published' or a weight file"
+        )
     workers = start_workers(devices, num_nodes, device)
     if random_init and weights not in (None, PUBLISHED):
         raise MedfmError("give either --weights or --random-init, not both")
