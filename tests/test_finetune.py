@@ -611,7 +611,7 @@ def binary_run(tmp_path_factory, manifest, cache_dir) -> Path:
 def test_fit_writes_results_curves_and_the_model_card(binary_run):
     results = json.loads((binary_run / "results.json").read_text())
     assert results["task"] == "binary" and results["classes"] == ["0", "1"]
-    assert results["sizes"] == {"train": 8, "val": 4, "test": 4, "unused": 0}
+    assert results["sizes"] == {"train": 8, "val": 4, "test": 4, "unused": 0, "unlabelled": 0}
     auroc = results["test"]["auroc"]
     assert 0.0 <= auroc["low"] <= auroc["value"] <= auroc["high"] <= 1.0
     assert results["test"]["n"]["value"] == 4
@@ -631,6 +631,40 @@ def test_fit_writes_results_curves_and_the_model_card(binary_run):
     files = sorted((binary_run / "checkpoints").iterdir())
     assert [f.name for f in files if not f.is_symlink()] == ["epoch=1-step=4.ckpt"]
     assert (binary_run / "checkpoints" / "last.ckpt").resolve() == binary_run / "checkpoints" / "epoch=1-step=4.ckpt"
+
+
+def test_fit_writes_each_rows_split_and_the_test_predictions(binary_run, manifest, tmp_path):
+    table = pd.read_csv(manifest)
+    splits = pd.read_csv(binary_run / "splits.csv")
+    assert splits["row"].tolist() == list(range(len(table)))
+    assert splits["fit_split"].tolist() == table["split"].tolist()  # the manifest's split column, row by row
+    assert splits["patient_id"].tolist() == table["patient_id"].tolist()  # with the manifest's ID columns
+    tested = pd.read_csv(binary_run / "test_predictions.csv")
+    test_rows = np.flatnonzero(table["split"].eq("test").to_numpy())
+    assert tested["row"].tolist() == test_rows.tolist()
+    assert tested["image_path"].tolist() == table["image_path"].iloc[test_rows].tolist()
+    assert tested["truth"].tolist() == table["malignant"].iloc[test_rows].tolist()
+    assert tested["predicted"].tolist() == [int(p > 0.5) for p in tested["prob_1"]]
+    # the restored best weights' probabilities: what `medfm predict` gives for those rows with the model card
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(binary_run / "model.json"), str(manifest), "--out", str(out), "--quiet"]) == 0
+    predicted = pd.read_csv(out)
+    np.testing.assert_allclose(tested["prob_1"], predicted["prob_1"].iloc[test_rows], atol=1e-5)
+
+
+def test_splits_mark_unread_rows_as_errors(tmp_path):
+    from medfm.train.outputs import write_splits, write_test_predictions
+
+    manifest = pd.DataFrame({"patient_id": ["a", "b", "c"], "split": ["train", "test", "test"], "row": [7, 8, 9]})
+    write_splits(tmp_path, np.array([0, 2]), np.array(["train", "test"]), manifest)
+    splits = pd.read_csv(tmp_path / "splits.csv")
+    assert splits["fit_split"].tolist() == ["train", "error", "test"]
+    assert splits["row"].tolist() == [0, 1, 2] and splits["row_manifest"].tolist() == [7, 8, 9]
+    write_test_predictions(tmp_path, np.array([2]), {"truth": ["1"], "prob_1": np.array([0.75])}, manifest)
+    tested = pd.read_csv(tmp_path / "test_predictions.csv")
+    assert tested.to_dict("records") == [
+        {"row": 2, "patient_id": "c", "split": "test", "row_manifest": 9, "truth": 1, "prob_1": 0.75}
+    ]
 
 
 def test_predict_matches_the_models_own_test_predictions(binary_run, manifest, cache_dir, tmp_path):

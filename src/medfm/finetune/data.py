@@ -86,6 +86,7 @@ class FinetuneData(StoreDataModule):
         self.targets: np.ndarray | None = None
         self.group_codes: np.ndarray | None = None
         self.n_missing_labels = 0
+        self.manifest_table: pd.DataFrame | None = None  # the manifest's rows (None for a prebuilt store)
 
     def _build(self, progress: bool) -> PatchStore:
         hp = self.hparams
@@ -103,6 +104,7 @@ class FinetuneData(StoreDataModule):
         root = Path(hp.cache_dir) if hp.cache_dir else medfm_home() / "stores"
         store = build_store(manifest, profile, root, hp.margin, 0, hp.seed, None, hp.on_error, progress=progress)
         table = manifest.table.iloc[store.rows]  # indexed by manifest row, so errors name the row
+        self.manifest_table = manifest.table
         strata = self._targets(table, store)
         groups = table[hp.group_column].astype(str).to_numpy() if hp.group_column else None
         splits = assign_splits(table, strata, hp.split_column, groups, hp.split_seed)

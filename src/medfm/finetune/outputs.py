@@ -1,7 +1,8 @@
 """What a fine-tuning run leaves behind, and how a fine-tuned model is run again.
 
 In the run folder: ``results.json`` (test metrics with CIs, best epoch, sizes, initialisation), ``curves.csv`` and
-``curves.png`` (per-epoch validation curves), ``model.safetensors`` (trunk + head) with its card ``model.json``
+``curves.png`` (per-epoch validation curves), ``splits.csv`` and ``test_predictions.csv``
+(:mod:`medfm.train.outputs`), ``model.safetensors`` (trunk + head) with its card ``model.json``
 (task, classes, architecture, profile with its full definition, the evaluation view, metrics, SHA-256).
 :func:`predict_manifest` runs a card on a manifest with the model's own preprocessing.
 """
@@ -29,6 +30,7 @@ from medfm.models import hub
 from medfm.models.registry import build_trunk, trunk_args
 from medfm.progress import progress_bar
 from medfm.train.curves import write_curves
+from medfm.train.outputs import write_splits, write_test_predictions
 
 CARD_KIND = "medfm-finetuned"
 
@@ -38,6 +40,21 @@ def _named_report(report: dict, classes: list[str] | None) -> dict:
     if not report or not classes:
         return report
     return {(classes[int(k)] if k.isdigit() and int(k) < len(classes) else k): v for k, v in report.items()}
+
+
+def _test_columns(module: FinetuneModule, data: FinetuneData) -> dict[str, np.ndarray | list]:
+    """Truth and prediction of each test row, named as ``medfm predict`` names its columns."""
+    rows, task = module.test_rows, module.hparams.task
+    output, target = np.asarray(rows["output"]), np.asarray(rows["target"]).reshape(len(rows.index), -1)
+    if task in ("binary", "multiclass"):
+        classes = data.classes or [str(k) for k in range(output.shape[1])]
+        columns: dict[str, np.ndarray | list] = {"truth": [classes[int(k)] for k in target[:, 0]]}
+        columns.update({f"prob_{name}": output[:, k] for k, name in enumerate(classes)})
+        columns["predicted"] = [classes[k] for k in output.argmax(axis=1)]
+        return columns
+    if task == "regression":
+        return {"truth": target[:, 0], "prediction": output[:, 0]}
+    return {"truth_time": target[:, 0], "truth_event": target[:, 1], "risk": output[:, 0]}
 
 
 def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | os.PathLike[str]) -> Path:
@@ -63,6 +80,11 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
     }
     write_json(results, folder / "results.json")
     write_curves(module.history, folder)
+    write_splits(folder, store.rows, store.splits, data.manifest_table)
+    if module.test_rows is not None:
+        write_test_predictions(
+            folder, store.rows[module.test_rows.index], _test_columns(module, data), data.manifest_table
+        )
     weights = write_weights(module, folder / "model.safetensors")
     profile = get_profile(data.hparams.profile) if data.hparams.manifest else None
     card = {

@@ -100,6 +100,7 @@ class EvaluatedTask(pl.LightningModule):
         self.history: list[dict[str, float]] = []
         self.best: dict[str, float] = {}
         self.test_results: dict[str, dict] = {}
+        self.test_rows: Rows | None = None  # the gathered test rows, for the per-row test predictions
         self._kept: dict[str, list[tuple[np.ndarray, float | None, dict[str, Any]]]] = {"val": [], "test": []}
 
     # -- what a task says -------------------------------------------------------------------------------------
@@ -195,6 +196,7 @@ class EvaluatedTask(pl.LightningModule):
         rows = self.gathered("test")
         if rows is None:
             return
+        self.test_rows = rows
         self.test_results = self.test_metrics(rows)
         for name, interval in self.test_results.items():
             if name != "n" and interval.get("value") is not None:
