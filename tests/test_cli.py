@@ -133,3 +133,54 @@ def test_extract_grey_images_with_a_one_channel_variant(tmp_path, capsys):
     assert sidecar["profile"]["name"] == "gray-224" and sidecar["profile"]["channels"] == 1
     assert main([*args, "--profile", "fmcib"]) == 2  # a 3D profile for a 2D model
     assert "does not fit the 2D model resnet18" in capsys.readouterr().err
+
+
+def test_png_manifest_without_model_says_the_default_is_3d_and_how_to_choose_2d(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    pd.DataFrame({"image_path": ["a.png"], "label": [1]}).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "f.parquet"
+    assert main(["extract", str(tmp_path / "m.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing column(s) ['coordX', 'coordY', 'coordZ']" in err
+    assert "the default model, fmcib-resnet50 is a 3D CT model" in err
+    assert "For 2D images (PNG, JPEG, 2D DICOM) choose a 2D model, e.g. --model resnet50" in err
+    assert main(["extract", str(tmp_path / "m.csv"), "--model", "resnet10-3d", "--out", str(out)]) == 2
+    assert "--model resnet10-3d is a 3D CT model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _options_without_help(parser, path):  # noqa: ANN001, ANN202
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options_without_help(sub, [*path, name])
+        elif not isinstance(action, argparse._HelpAction) and not action.help:
+            yield " ".join(path), action.option_strings or [action.dest]
+
+
+def test_every_cli_option_has_help():
+    from medfm.analyze.cli import build_parser as analyze_parser
+    from medfm.cli import _pretrain_export_parser, _probe_import_parser, build_parser
+    from medfm.detect.launch import predict_parser as detect_predict_parser
+    from medfm.segment.launch import _predict_parser as segment_predict_parser
+    from medfm.train.sweep import sweep_parser
+
+    parsers = {
+        "medfm": build_parser(),
+        "medfm analyze": analyze_parser(),
+        "medfm detect predict": detect_predict_parser(),
+        "medfm segment predict": segment_predict_parser(),
+        "medfm pretrain export": _pretrain_export_parser(),
+        "medfm probe import": _probe_import_parser(),
+        "medfm finetune sweep": sweep_parser("finetune"),
+    }
+    counted = 0
+    for name, parser in parsers.items():
+        counted += sum(1 for a in parser._actions if a.option_strings)
+        assert list(_options_without_help(parser, [name])) == []
+    assert counted > 20  # the walk saw the parsers' options

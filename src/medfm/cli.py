@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from medfm import __version__
-from medfm.errors import MedfmError, run_guarded
+from medfm.errors import ManifestError, MedfmError, run_guarded
 
 
 def _crop(args: argparse.Namespace) -> None:
@@ -41,12 +41,25 @@ def _extract(args: argparse.Namespace) -> None:
     from medfm.features.extract import extract_features
     from medfm.models.registry import get_entry
 
+    args.model_given = args.model is not None
+    args.model = args.model or "fmcib-resnet50"
+
     entry = get_entry(args.model)
     profile = get_profile(args.profile or entry.profile)
     if isinstance(profile, Profile2D) != (entry.dims == 2):
         raise MedfmError(f"profile {profile.name} does not fit the {entry.dims}D model {entry.name}")
     seeds = not isinstance(profile, Profile2D)
-    manifest = read_manifest(args.manifest, coords=args.coords, seeds=seeds)
+    try:
+        manifest = read_manifest(args.manifest, coords=args.coords, seeds=seeds)
+    except ManifestError as err:
+        if not (seeds and "coordX" in str(err) and "missing column" in str(err)):
+            raise
+        chosen = f"--model {args.model}" if args.model_given else f"the default model, {args.model}"
+        raise ManifestError(
+            f"{err}. {chosen} is a 3D CT model: it cuts a patch around a seed point (coordX, coordY, coordZ) of "
+            "each volume. For 2D images (PNG, JPEG, 2D DICOM) choose a 2D model, e.g. --model resnet50 or "
+            "--model radiologynet-resnet50 (`medfm models` lists them with their profiles)"
+        ) from None
     if args.fmcib_layout:  # checked before the run, not after it
         from medfm.evaluate.features import FMCIB_PREFIXES, fmcib_splits
 
@@ -394,7 +407,7 @@ def _add_table_args(p: argparse.ArgumentParser, label_required: bool = True) -> 
         help="label values that mean missing: those rows are left out and counted "
         "(default: empty, NA, N/A, nan, none, null, unknown, ?, -; case-insensitive)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split, folds, search and bootstrap")
 
 
 def _add_manifest_args(p: argparse.ArgumentParser) -> None:
@@ -473,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="features of every row from a registered model")
     _add_manifest_args(p)
-    p.add_argument("--model", default="fmcib-resnet50")
+    p.add_argument(
+        "--model",
+        help="registered model (`medfm models`); default fmcib-resnet50, the 3D CT model that needs seed "
+        "coordinates; for 2D images choose a 2D one, e.g. resnet50",
+    )
     p.add_argument("--weights", help="weight file (default: the model's published weights from the cache)")
     p.add_argument("--random-init", action="store_true", help="use a randomly initialised trunk (recorded)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
@@ -485,11 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(rows by --split-column; needs --column-prefix pred_)",
     )
     p.add_argument("--split-column", default="split", help="with --fmcib-layout: the column with train/val/test")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="patches or images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--devices", type=int, default=1, help="processes, one per device (DDP through Lightning Fabric)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines, each running --devices processes")
-    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32", help="float32, or bfloat16 autocast")
     p.add_argument("--column-prefix", default="feat_", help="feature column prefix (FMCIB's own: pred_)")
     p.add_argument("--profile", help="preprocess with this profile instead of the model's (e.g. gray-224)")
     p.add_argument(
@@ -500,15 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_extract)
 
     p = sub.add_parser("weights", help="list or download published weights into the cache ($MEDFM_HOME)")
-    p.add_argument("action", choices=["list", "download"])
-    p.add_argument("name", nargs="?")
+    p.add_argument("action", choices=["list", "download"], help="list the published weights, or download one")
+    p.add_argument("name", nargs="?", help="with download: the model whose weights to fetch")
     p.add_argument("--url", help="download from this URL instead of the registry's")
     p.add_argument(
         "--trust-new-hash",
         action="store_true",
         help="accept a file whose SHA-256 differs from the one recorded at its first download (and record it)",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_weights)
 
     p = sub.add_parser("cache", help="list or clean what medfm keeps in $MEDFM_HOME (patch stores, weights, models)")
@@ -534,17 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--figure-format", default="png", choices=["png", "svg", "pdf"], help="ROC and PR figures' format")
     p.add_argument(
-        "--scoring", default="roc_auc", choices=["roc_auc", "average_precision", "balanced_accuracy", "accuracy"]
+        "--scoring",
+        default="roc_auc",
+        choices=["roc_auc", "average_precision", "balanced_accuracy", "accuracy"],
+        help="the metric the C search maximises (all four are reported on test)",
     )
     p.add_argument(
         "--search", default="optuna", choices=["optuna", "grid"], help="Optuna TPE over log C, or the 45-point grid"
     )
-    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--trials", type=int, default=100, help="Optuna trials of the C search")
     p.add_argument("--cv", type=int, help="search over K grouped folds of train+val instead of train→val")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--storage", help="Optuna storage URL shared by several processes, e.g. sqlite:///study.db")
     p.add_argument("--feature-prefix", help="feature column prefix (default feat_, else pred_)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_probe)
 
     p = sub.add_parser(
@@ -565,11 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="results.json of probe B, or feature table B of the same rows")
     p.add_argument("--label", help="with two feature tables: the label to probe both on")
     p.add_argument("--group", help="with two feature tables: patient column")
-    p.add_argument("--split-column", default="split")
-    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--split-column", default="split", help="with two feature tables: column with train/val/test")
+    p.add_argument("--trials", type=int, default=100, help="with two feature tables: Optuna trials of each probe")
     p.add_argument("--probe-out", default="compare_probes", help="with two feature tables: where the probes go")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and of the probes)")
     p.add_argument("--out", help="write the comparison as JSON")
     p.set_defaults(func=_compare)
 
@@ -590,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("knn", help="cosine-weighted k-nearest-neighbour accuracy and AUC")
     _add_table_args(p)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--k", type=int, default=20, help="neighbours that vote")
+    p.add_argument("--temperature", type=float, default=0.07, help="T of the exp(cosine/T) vote weights")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.set_defaults(func=_knn)
 
     p = sub.add_parser("transfer", help="initialise a registered model from a checkpoint of another topology")
@@ -615,11 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("demo", help="synthetic CT set → patches → features, end to end")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--model", default="fmcib-resnet50")
-    p.add_argument("--patients", type=int, default=4)
+    p.add_argument("--out", default="outputs/demo", help="output folder")
+    p.add_argument("--model", default="fmcib-resnet50", help="registered 3D model to extract with")
+    p.add_argument("--patients", type=int, default=4, help="synthetic patients (CT volumes) to make")
     p.add_argument("--workers", type=int, default=None, help="reader processes (default: chosen by device)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)
     return parser
 

@@ -55,9 +55,16 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="boxes.csv (or .parquet): image_path, x_min … y_max, label, score")
     p.add_argument("--overlays", help="folder for PNGs of predicted (red) and true (green) boxes")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep boxes scoring at least this (0.5)")
-    p.add_argument("--format", default="auto", choices=["auto", "csv", "yolo", "coco", "images"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "csv", "yolo", "coco", "images"],
+        help="output format (auto: from the --out name)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument(
+        "--on-error", default="raise", choices=["raise", "skip"], help="stop at a bad row, or list it and go on"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
