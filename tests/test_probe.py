@@ -614,3 +614,63 @@ def test_train_fraction_subsamples_train_and_val_together(tmp_path):
     # with folds over the development rows there is no single validation set
     result = run_probe(table, "y", tmp_path / "cv", cv=3, search="grid", n_bootstrap=20, progress=False)
     assert result.counts == {"n_train": 80, "n_val": None, "n_labelled": 80, "n_labelled_available": 80, "n_test": 20}
+
+
+# -- compare reads every results file medfm writes ----------------------------------------------------------
+def _finetune_run(folder: Path, rows: np.ndarray, truth: np.ndarray, p1: np.ndarray) -> Path:
+    """A fine-tuned binary classifier's results.json + test_predictions.csv, written by medfm's own writers."""
+    from medfm.data.outputs import write_json
+    from medfm.train.outputs import write_test_predictions
+
+    classes = ["0", "1"]
+    columns = {"truth": [classes[int(t)] for t in truth], "prob_0": 1 - p1, "prob_1": p1}
+    columns["predicted"] = [classes[int(p > 0.5)] for p in p1]
+    folder.mkdir(parents=True)
+    write_test_predictions(folder, rows, columns, pd.DataFrame({"patient_id": [f"P{r}" for r in range(100)]}))
+    test = {"roc_auc": {"value": roc_auc_score(truth, p1), "low": 0.0, "high": 1.0}}
+    return write_json({"task": "binary", "classes": classes, "test": test, "sizes": {}}, folder / "results.json")
+
+
+def test_compare_two_fine_tuned_classifiers(tmp_path, capsys):
+    rng = np.random.default_rng(21)
+    rows = np.sort(rng.choice(100, 40, replace=False))
+    truth = rng.integers(0, 2, 40)
+    good = np.clip(truth * 0.6 + rng.uniform(0, 0.4, 40), 0, 1)
+    noisy = rng.uniform(0, 1, 40)
+    a = _finetune_run(tmp_path / "a", rows, truth, good)
+    b = _finetune_run(tmp_path / "b", rows[::-1].copy(), truth[::-1].copy(), noisy[::-1].copy())  # any row order
+    report = compare(a, b, n_bootstrap=200)
+    assert report["a"]["kind"] == report["b"]["kind"] == "finetune"
+    assert report["n_test"] == 40 and report["scoring"] == "roc_auc"
+    expected = roc_auc_score(truth, good) - roc_auc_score(truth, noisy)
+    assert report["difference"]["value"] == pytest.approx(expected)
+    assert report["delong"]["auc_a"] == pytest.approx(roc_auc_score(truth, good))
+    assert main(["compare", str(a.parent), str(b), "--bootstrap", "50", "--out", str(tmp_path / "c.json")]) == 0
+    assert f"roc_auc A − B = {expected:+.3f}" in capsys.readouterr().out
+
+
+def test_compare_train_fraction_runs_and_refusals(tmp_path, capsys):
+    table = make_table(n_patients=30, signal=1.0, seed=22)
+    noisy = make_table(n_patients=30, signal=0.0, seed=23)
+    noisy["y"], noisy["split"] = table["y"], table["split"]
+    for name, t in (("a", table), ("b", noisy)):
+        run_fractions(t, "y", tmp_path / name, [1.0, 0.5], repeats=1, search="grid", n_bootstrap=20, progress=False)
+    whole = compare(tmp_path / "a", tmp_path / "b", n_bootstrap=50)
+    one = compare(tmp_path / "a/fraction_1/repeat_0/results.json", tmp_path / "b/fraction_1/repeat_0/results.json", 50)
+    assert whole["difference"] == one["difference"] and whole["a"]["kind"] == "probe"
+    half = compare(tmp_path / "a" / "fractions.csv", tmp_path / "b", n_bootstrap=50, fraction=0.5)
+    assert half["a"]["results"].endswith("fraction_0.5/repeat_0/results.json")
+    with pytest.raises(MedfmError, match=r"no fraction_0.2/repeat_0/results.json; its fractions are \['0.5', '1'\]"):
+        compare(tmp_path / "a", tmp_path / "b", fraction=0.2)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--fraction", "0.5", "--bootstrap", "20"]) == 0
+    assert "roc_auc A − B =" in capsys.readouterr().out
+    from medfm.data.outputs import write_json
+
+    detect = write_json({"arch": "fasterrcnn", "iou_thresholds": [0.5], "test": {}}, tmp_path / "det" / "results.json")
+    with pytest.raises(MedfmError, match="a detection run; compare pairs per-row class probabilities"):
+        compare(detect, tmp_path / "a")
+    survival = write_json({"task": "survival", "test": {}}, tmp_path / "surv" / "results.json")
+    with pytest.raises(MedfmError, match="a fine-tuned survival run"):
+        compare(tmp_path / "a", survival)
+    assert main(["compare", str(tmp_path / "nothing.json"), str(tmp_path / "a")]) == 2
+    assert "no such results file" in capsys.readouterr().err

@@ -280,8 +280,13 @@ def _compare(args: argparse.Namespace) -> None:
 
     from medfm.evaluate.probe import compare, compare_tables
 
-    if args.a.endswith(".json") and args.b.endswith(".json"):
-        report = compare(args.a, args.b, n_bootstrap=args.bootstrap, seed=args.seed)
+    def is_results(path: str) -> bool:
+        return path.endswith((".json", "fractions.csv")) or Path(path).is_dir()
+
+    if is_results(args.a) and is_results(args.b):
+        report = compare(
+            args.a, args.b, n_bootstrap=args.bootstrap, seed=args.seed, fraction=args.fraction, repeat=args.repeat
+        )
     else:
         if not args.label:
             raise MedfmError("comparing two feature tables needs --label COL")
@@ -581,8 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("compare", help="paired bootstrap CI of the difference of two probes, and DeLong for AUC")
-    p.add_argument("a", help="results.json of probe A, or feature table A (then --label)")
-    p.add_argument("b", help="results.json of probe B, or feature table B of the same rows")
+    p.add_argument(
+        "a",
+        help="results of A: a probe's or fine-tuned classifier's results.json (or run folder), a --train-fraction "
+        "probe folder; or feature table A (then --label)",
+    )
+    p.add_argument("b", help="results of B (as A), or feature table B of the same rows")
+    p.add_argument("--fraction", type=float, help="with --train-fraction folders: the fraction to compare (default 1)")
+    p.add_argument("--repeat", type=int, default=0, help="with --train-fraction folders: the repeat to compare")
     p.add_argument("--label", help="with two feature tables: the label to probe both on")
     p.add_argument("--group", help="with two feature tables: patient column")
     p.add_argument("--split-column", default="split", help="with two feature tables: column with train/val/test")

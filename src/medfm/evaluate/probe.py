@@ -241,32 +241,111 @@ def _span(columns: list[str]) -> str:
     return columns[0] if len(columns) == 1 else f"{columns[0]} … {columns[-1]}"
 
 
-def compare(
-    results_a: str | os.PathLike[str], results_b: str | os.PathLike[str], n_bootstrap: int = 1000, seed: int = 0
-) -> dict[str, object]:
-    """Paired comparison of two probes' test predictions (same rows): bootstrap CI of the difference, DeLong."""
-    loaded = []
-    for path in (results_a, results_b):
-        path = Path(path)
+@dataclass
+class ScoredRun:
+    """The test predictions of one run, as compare pairs them: ``table`` has ``row``, ``truth`` (as text) and
+    ``proba_<class>`` columns (and the group column when the run was grouped)."""
+
+    path: Path
+    kind: str
+    label: str
+    scoring: str
+    group: str | None
+    table: pd.DataFrame
+
+
+def _fraction_run(folder: Path, fraction: float | None, repeat: int) -> Path:
+    """The results.json of one run of a ``--train-fraction`` folder (fraction 1 unless told)."""
+    runs = sorted(folder.glob("fraction_*/repeat_*/results.json"))
+    available = sorted({p.parent.parent.name.removeprefix("fraction_") for p in runs}, key=float)
+    chosen = f"fraction_{(1.0 if fraction is None else fraction):g}"
+    path = folder / chosen / f"repeat_{repeat}" / "results.json"
+    if not path.is_file():
+        raise MedfmError(
+            f"{folder}: a --train-fraction run has no {chosen}/repeat_{repeat}/results.json; its fractions are "
+            f"{available}: choose one with --fraction F (and --repeat R), or pass one run's results.json"
+        )
+    return path
+
+
+def read_scored_run(path: str | os.PathLike[str], fraction: float | None = None, repeat: int = 0) -> ScoredRun:
+    """The test predictions of any results medfm writes that compare can pair: a probe's results.json, a
+    ``--train-fraction`` folder (or its fractions.csv; one fraction and repeat of it), a fine-tuned classifier's
+    results.json (or its run folder). Detection and segmentation runs are refused with the reason."""
+    path = Path(path)
+    if path.name == "fractions.csv" or (path.is_dir() and (path / "fractions.csv").is_file()):
+        path = _fraction_run(path.parent if path.is_file() else path, fraction, repeat)
+    elif path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise MedfmError(
+            f"{path}: no such results file; compare reads a probe's or a fine-tuned run's results.json, or the "
+            "folder of a --train-fraction probe"
+        )
+    try:
         summary = json.loads(path.read_text())
-        loaded.append((summary, pd.read_csv(path.parent / summary["predictions"])))
-    (sa, pa), (sb, pb) = loaded
-    label = sa["label"]
-    if sb["label"] != label:
-        raise MedfmError(f"the probes predict different labels: {label!r} and {sb['label']!r}")
+    except ValueError as err:
+        raise MedfmError(f"{path}: not a JSON results file ({err})") from None
+    if "predictions" in summary and "label" in summary:  # medfm probe
+        table = pd.read_csv(path.parent / summary["predictions"])
+        label = summary["label"]
+        table = table.rename(columns={label: "truth"}).assign(truth=lambda t: t["truth"].astype(str))
+        return ScoredRun(path, "probe", label, summary["scoring"], summary.get("grouped_by"), table)
+    if "iou_thresholds" in summary or summary.get("task") == "segmentation":
+        raise MedfmError(
+            f"{path}: a {'detection' if 'iou_thresholds' in summary else 'segmentation'} run; compare pairs per-row "
+            "class probabilities, so it covers probes and binary or multiclass fine-tuning"
+        )
+    if "task" in summary and "test" in summary:  # medfm finetune fit
+        task = summary["task"]
+        if task not in ("binary", "multiclass"):
+            raise MedfmError(
+                f"{path}: a fine-tuned {task} run; compare pairs class probabilities, so it covers probes and "
+                "binary or multiclass fine-tuning"
+            )
+        predictions = path.parent / "test_predictions.csv"
+        if not predictions.is_file():
+            raise MedfmError(f"{path}: its test_predictions.csv is missing; it is written by `medfm finetune fit`")
+        table = pd.read_csv(predictions)
+        table = table.rename(columns={c: "proba_" + c[len("prob_") :] for c in table.columns if c.startswith("prob_")})
+        table["truth"] = table["truth"].astype(str)
+        return ScoredRun(path, "finetune", "truth", "roc_auc", None, table)
+    raise MedfmError(f"{path}: not a results.json medfm writes (keys {sorted(summary)[:8]})")
+
+
+def compare(
+    results_a: str | os.PathLike[str],
+    results_b: str | os.PathLike[str],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    fraction: float | None = None,
+    repeat: int = 0,
+) -> dict[str, object]:
+    """Paired comparison of two runs' test predictions (same rows): bootstrap CI of the difference, DeLong.
+
+    Each side is any results file :func:`read_scored_run` reads (probe, --train-fraction folder, fine-tuning)."""
+    ra, rb = (read_scored_run(p, fraction, repeat) for p in (results_a, results_b))
+    if ra.kind == rb.kind == "probe" and ra.label != rb.label:
+        raise MedfmError(f"the probes predict different labels: {ra.label!r} and {rb.label!r}")
+    pa, pb = ra.table, rb.table
     merged = pa.merge(pb, on="row", suffixes=("_a", "_b"))
     if len(merged) != len(pa) or len(merged) != len(pb):
-        raise MedfmError(f"the probes were tested on different rows ({len(pa)} and {len(pb)}, {len(merged)} shared)")
-    y = merged[f"{label}_a"].to_numpy()
-    if not np.array_equal(y, merged[f"{label}_b"].to_numpy()):
+        raise MedfmError(f"the runs were tested on different rows ({len(pa)} and {len(pb)}, {len(merged)} shared)")
+    y = merged["truth_a"].to_numpy()
+    if not np.array_equal(y, merged["truth_b"].to_numpy()):
         raise MedfmError("the two prediction files disagree on the labels of the same rows")
     classes = np.unique(y)
+    missing = [f"proba_{c}_{s}" for c in classes for s in "ab" if f"proba_{c}_{s}" not in merged.columns]
+    if missing:
+        raise MedfmError(f"the runs do not name the same classes (no column {missing[0]})")
     probas = [merged[[f"proba_{c}_{s}" for c in classes]].to_numpy() for s in ("a", "b")]
-    group = sa.get("grouped_by")
+    group = ra.group if ra.group == rb.group else None
     groups = merged[f"{group}_a"].astype(str).to_numpy() if group else None
-    scoring = sa["scoring"]
+    scoring = ra.scoring if ra.kind == "probe" else rb.scoring
     paired = paired_bootstrap(scoring, y, probas[0], probas[1], classes, groups, n_bootstrap, seed=seed)
     report: dict[str, object] = {
+        "a": {"results": str(ra.path), "kind": ra.kind},
+        "b": {"results": str(rb.path), "kind": rb.kind},
         "scoring": scoring,
         "n_test": len(y),
         "difference": paired.difference.to_dict(),
