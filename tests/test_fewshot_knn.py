@@ -227,8 +227,10 @@ def test_fewshot_classes_without_enough_shots_are_not_eligible():
     "kwargs", [{"head": "svm"}, {"ways": 1}, {"shots": 0}, {"episodes": 0}], ids=["head", "ways", "shots", "episodes"]
 )
 def test_fewshot_invalid_arguments(kwargs):
-    with pytest.raises(ValueError):
-        FewShot(**kwargs)
+    fewshot = FewShot(**kwargs)  # stored as given (scikit-learn's rule); refused when the episodes are drawn
+    y = np.repeat([0, 1, 2], 6)
+    with pytest.raises(ValueError, match="head=|need ways"):
+        fewshot.evaluate(np.eye(18), y, np.eye(18), y)
 
 
 def test_run_fewshot_on_a_table():
@@ -313,5 +315,6 @@ def test_knn_k_larger_than_training_set():
 
 @pytest.mark.parametrize("kwargs", [{"k": 0}, {"temperature": 0.0}, {"temperature": -1.0}])
 def test_knn_invalid_arguments(kwargs):
-    with pytest.raises(ValueError, match="need k ≥ 1 and temperature > 0"):
-        KNNProbe(**kwargs)
+    knn = KNNProbe(**kwargs)  # stored as given; refused when fitting
+    with pytest.raises(ValueError, match="need k ≥ 1, temperature > 0"):
+        knn.fit(np.eye(4), [0, 1, 0, 1])

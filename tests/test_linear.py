@@ -59,7 +59,9 @@ def test_separable_binary_auc_one():
     assert roc_auc_score(y[test], probe.predict_proba(x[test])[:, 1]) == 1.0
     assert np.array_equal(probe.predict(x[test]), y[test])
     assert list(probe.classes_) == [0, 1]
-    assert probe.decision_function(x[test]).shape == (20, 1)
+    scores = probe.decision_function(x[test])  # (n,) for binary, as scikit-learn gives it: classes_[1]'s logit
+    assert scores.shape == (20,)
+    np.testing.assert_allclose(probe.predict_proba(x[test])[:, 1], 1 / (1 + np.exp(-scores)))
     proba = probe.predict_proba(x[test])
     assert proba.shape == (20, 2)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
@@ -289,8 +291,11 @@ def test_predict_with_a_damaged_probe_is_one_line(saved_probe, tmp_path, capsys)
     ],
 )
 def test_invalid_arguments(kwargs, allowed):
+    probe = LinearProbe(**kwargs)  # stored as given (scikit-learn's rule); refused when fitting
+    assert probe.get_params()[next(iter(kwargs))] == next(iter(kwargs.values()))
+    x, y = _separable(20, 3)
     with pytest.raises(ValueError) as info:
-        LinearProbe(**kwargs)
+        probe.fit(x, y)
     for word in allowed:
         assert word in str(info.value)
 

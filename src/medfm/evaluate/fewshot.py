@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
@@ -121,8 +122,12 @@ def prototype_predict(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, classes: n
     return classes[np.argmax(xq @ prototypes.T, axis=1)]
 
 
-class FewShot:
-    """Episodes of ``ways`` classes × ``shots`` support examples; prototype or logistic head (``c``: its C)."""
+class FewShot(BaseEstimator):
+    """Episodes of ``ways`` classes × ``shots`` support examples; prototype or logistic head (``c``: its C).
+
+    A scikit-learn estimator in its parameters (``get_params``, ``clone``): they are stored as given and checked
+    when the episodes are drawn. It evaluates rather than predicts, so it has no ``fit``/``predict``.
+    """
 
     def __init__(
         self,
@@ -134,24 +139,26 @@ class FewShot:
         seed: int = 0,
         c: float | None = None,
     ) -> None:
-        if head not in HEADS:
-            raise ConfigError(f"head={head!r}; allowed {HEADS}")
-        if ways < 2 or shots < 1 or episodes < 1:
-            raise ConfigError(f"need ways ≥ 2, shots ≥ 1, episodes ≥ 1; got {ways}, {shots}, {episodes}")
-        if c is not None and not c > 0:
-            raise ConfigError(f"C={c}; give a positive number")
-        self.ways, self.shots, self.episodes, self.head, self.queries, self.seed, self.c = (
-            ways,
-            shots,
-            episodes,
-            head,
-            queries,
-            seed,
-            c,
-        )
+        self.ways = ways
+        self.shots = shots
+        self.episodes = episodes
+        self.head = head
+        self.queries = queries
+        self.seed = seed
+        self.c = c
+
+    def _check_params(self) -> None:
+        """Refuse parameters outside what the episodes allow."""
+        if self.head not in HEADS:
+            raise ConfigError(f"head={self.head!r}; allowed {HEADS}")
+        if self.ways < 2 or self.shots < 1 or self.episodes < 1:
+            raise ConfigError(f"need ways ≥ 2, shots ≥ 1, episodes ≥ 1; got {self.ways}, {self.shots}, {self.episodes}")
+        if self.c is not None and not self.c > 0:
+            raise ConfigError(f"C={self.c}; give a positive number")
 
     def draw(self, y_train: np.ndarray, y_test: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The episodes: (classes, support rows of train, query rows of test), the same for a seed whatever the head."""
+        self._check_params()
         y_train, y_test = np.asarray(y_train), np.asarray(y_test)
         eligible = [c for c in np.unique(y_train) if np.sum(y_train == c) >= self.shots and np.any(y_test == c)]
         if len(eligible) < self.ways:

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from medfm.data.splits import holdout
 from medfm.errors import ConfigError
@@ -14,24 +17,34 @@ from medfm.evaluate.features import read_labelled
 from medfm.evaluate.metrics import bootstrap_ci
 
 
-class KNNProbe:
-    """Cosine similarity, the k nearest training rows vote with weight exp(similarity / temperature)."""
+class KNNProbe(ClassifierMixin, BaseEstimator):
+    """Cosine similarity, the k nearest training rows vote with weight exp(similarity / temperature).
+
+    A scikit-learn estimator: parameters are stored as given and checked in :meth:`fit`.
+    """
 
     def __init__(self, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> None:
-        if k < 1 or temperature <= 0:
-            raise ConfigError(f"need k ≥ 1 and temperature > 0; got k={k}, temperature={temperature}")
-        self.k, self.temperature, self.chunk = k, temperature, chunk
+        self.k = k
+        self.temperature = temperature
+        self.chunk = chunk
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> KNNProbe:
         """Remember the L2-normalised training features and their labels."""
-        x = np.asarray(x, dtype=np.float64)
+        if self.k < 1 or self.temperature <= 0 or self.chunk < 1:
+            raise ConfigError(
+                f"need k ≥ 1, temperature > 0 and chunk ≥ 1; got k={self.k}, temperature={self.temperature}, "
+                f"chunk={self.chunk}"
+            )
+        x, y = validate_data(self, x, y, dtype=np.float64)
+        check_classification_targets(y)
         self.x_ = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        self.classes_, self.y_ = np.unique(np.asarray(y), return_inverse=True)
+        self.classes_, self.y_ = np.unique(y, return_inverse=True)
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Normalised class votes (n, n_classes)."""
-        x = np.asarray(x, dtype=np.float64)
+        check_is_fitted(self, "x_")
+        x = validate_data(self, x, dtype=np.float64, reset=False)
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         k = min(self.k, len(self.x_))
         out = np.zeros((len(x), len(self.classes_)))
@@ -45,6 +58,7 @@ class KNNProbe:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The class with the largest weighted vote."""
+        check_is_fitted(self, "x_")
         return self.classes_[np.argmax(self.predict_proba(x), axis=1)]
 
 

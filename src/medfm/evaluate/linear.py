@@ -13,12 +13,17 @@ import json
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from medfm.errors import CheckpointError, ConfigError
 from medfm.evaluate.metrics import check_metric, score
@@ -56,8 +61,14 @@ def _row_span(xs: np.ndarray) -> np.ndarray | None:
     return vt[keep].T
 
 
-class LinearProbe:
-    """Logistic-regression probe with standardisation and a searched L2 strength, sklearn style."""
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """Logistic-regression probe with standardisation and a searched L2 strength: a scikit-learn estimator.
+
+    Parameters are stored as given and checked in :meth:`fit` (so ``clone``, ``cross_val_score`` and pipelines
+    work); ``fit(x, y)`` without folds searches on ``cv`` stratified folds of its rows; methods that need a fitted
+    probe raise ``NotFittedError`` before it. ``score`` is the probe's ``scoring`` metric (AUC by default), not
+    accuracy.
+    """
 
     def __init__(
         self,
@@ -69,14 +80,8 @@ class LinearProbe:
         storage: str | None = None,
         study_name: str | None = None,
         max_iter: int = 2000,
+        cv: int = 5,
     ) -> None:
-        check_metric(scoring)
-        if search not in SEARCHES:
-            raise ConfigError(f"search={search!r}; allowed {SEARCHES}")
-        if trials < 1:
-            raise ConfigError(f"trials={trials}; give at least 1")
-        if not 0 < c_range[0] < c_range[1]:
-            raise ConfigError(f"c_range={c_range}; needs 0 < low < high")
         self.scoring = scoring
         self.search = search
         self.trials = trials
@@ -85,6 +90,27 @@ class LinearProbe:
         self.storage = storage
         self.study_name = study_name
         self.max_iter = max_iter
+        self.cv = cv
+
+    def _check_params(self) -> None:
+        """Refuse parameters outside what the probe allows (called by :meth:`fit`, as scikit-learn does)."""
+        check_metric(self.scoring)
+        if self.search not in SEARCHES:
+            raise ConfigError(f"search={self.search!r}; allowed {SEARCHES}")
+        if self.trials < 1:
+            raise ConfigError(f"trials={self.trials}; give at least 1")
+        if not 0 < self.c_range[0] < self.c_range[1]:
+            raise ConfigError(f"c_range={self.c_range}; needs 0 < low < high")
+        if self.cv < 2:
+            raise ConfigError(f"cv={self.cv}; give at least 2 folds")
+
+    def _default_folds(self, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``cv`` stratified, seeded folds (fewer when the smallest class has fewer rows than ``cv``)."""
+        smallest = int(np.min(np.unique(y, return_counts=True)[1]))
+        if smallest < 2:
+            raise ConfigError(f"a class has {smallest} row; the C search needs at least 2 rows of every class")
+        splitter = StratifiedKFold(n_splits=min(self.cv, smallest), shuffle=True, random_state=self.seed)
+        return list(splitter.split(np.zeros((len(y), 1)), y))
 
     # -- fitting ----------------------------------------------------------------------------------------------
     def _fit_one(self, z: np.ndarray, y: np.ndarray, c: float, start: tuple[np.ndarray, np.ndarray] | None):
@@ -96,6 +122,7 @@ class LinearProbe:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(z, y)
+        self.n_iter_ = int(np.max(model.n_iter_))  # of the last fit: the refit on every row, once fitted
         return model.coef_.copy(), model.intercept_.copy()
 
     def _fold_score(self, fold: _Fold, c: float) -> float:
@@ -107,13 +134,23 @@ class LinearProbe:
     def _objective(self, folds: list[_Fold], c: float) -> float:
         return float(np.mean([self._fold_score(f, c) for f in folds]))
 
-    def fit(self, x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], progress=None):  # noqa: ANN001, ANN201
-        """Search C on ``folds`` (index pairs into ``x``), then refit on every row of ``x`` with the best C."""
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y)
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        folds: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        progress: Callable[[], object] | None = None,
+    ) -> LinearProbe:
+        """Search C on ``folds`` (index pairs into ``x``; default ``cv`` stratified folds), then refit on every row
+        of ``x`` with the best C."""
+        self._check_params()
+        x, y = validate_data(self, x, y, dtype=np.float64)
+        check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ConfigError(f"the label has one class only ({self.classes_[0]!r}); a probe needs two or more")
+        if folds is None:
+            folds = self._default_folds(y)
         prepared = []
         for train, val in folds:
             mean, scale = _standardise(x[train])
@@ -167,16 +204,23 @@ class LinearProbe:
         self.coef_ = coef if basis is None else coef @ basis.T  # back to the standardised feature space
 
     # -- predicting -------------------------------------------------------------------------------------------
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        x = validate_data(self, x, dtype=np.float64, reset=False)
+        return ((x - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+
     def decision_function(self, x: np.ndarray) -> np.ndarray:
-        """Linear scores (n, 1) for binary, (n, K) for multi-class."""
-        return ((np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        """Linear scores: (n,) for binary (of ``classes_[1]``), (n, K) for multi-class, as scikit-learn gives them."""
+        logits = self._logits(x)
+        return logits[:, 0] if logits.shape[1] == 1 else logits
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (n, n_classes), columns in the order of ``classes_``."""
-        return _probabilities(self.decision_function(x))
+        return _probabilities(self._logits(x))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The most probable class of each row."""
+        check_is_fitted(self, "coef_")
         return self.classes_[np.argmax(self.predict_proba(x), axis=1)]
 
     def score(self, x: np.ndarray, y: np.ndarray) -> float:
@@ -227,18 +271,15 @@ class LinearProbe:
         if not isinstance(meta, dict) or meta.get("kind") != "medfm.LinearProbe":
             raise ConfigError(f"{card} is not a saved medfm probe")
         try:
-            probe = cls(scoring=meta["scoring"])
-            probe.search = meta["search"]  # None for an imported probe
-            probe.classes_ = np.asarray(meta["classes"])
-            probe.best_c_ = meta["best_c"]
-            probe.provenance_ = meta.get("provenance")
+            scoring, search, classes, best_c = meta["scoring"], meta["search"], meta["classes"], meta["best_c"]
         except KeyError as err:
             raise CheckpointError(f"the probe file {card} is damaged: it lacks {err}") from None
         try:
             # allow_pickle=False: an object array (a pickle, which could run code) is refused, never loaded
             with np.load(weights, allow_pickle=False) as arrays:
-                probe.mean_, probe.scale_ = arrays["mean"], arrays["scale"]
-                probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
+                probe = cls.from_arrays(
+                    arrays["mean"], arrays["scale"], arrays["coef"], arrays["intercept"], classes, best_c
+                )
         except ValueError as err:
             if "allow_pickle" in str(err):
                 raise CheckpointError(
@@ -248,7 +289,29 @@ class LinearProbe:
             raise CheckpointError(f"the probe file {weights} is damaged ({_first_line(err)})") from None
         except (OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
             raise CheckpointError(f"the probe file {weights} is damaged ({_first_line(err)})") from None
+        probe.scoring = scoring
+        probe.search = search  # None for an imported probe
+        probe.provenance_ = meta.get("provenance")
         return probe, meta.get("feature_columns")
+
+    @classmethod
+    def from_arrays(
+        cls,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        classes: object,
+        best_c: float | None,
+    ) -> LinearProbe:
+        """A fitted probe from its arrays (a saved or an imported one): standardisation, weights, classes."""
+        probe = cls()
+        probe.mean_, probe.scale_ = np.asarray(mean, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+        probe.coef_, probe.intercept_ = np.asarray(coef, dtype=np.float64), np.asarray(intercept, dtype=np.float64)
+        probe.classes_ = np.asarray(classes)
+        probe.best_c_ = best_c
+        probe.n_features_in_ = int(probe.coef_.shape[1])
+        return probe
 
 
 def _first_line(err: BaseException) -> str:

@@ -197,11 +197,9 @@ def import_sklearn_probe(
 
     path = str(pickle_path)
     parts = linear_parts(load_sklearn_pickle(path), path)
-    probe = LinearProbe()
-    probe.mean_, probe.scale_ = parts["mean"], parts["scale"]
-    probe.coef_, probe.intercept_ = parts["coef"], parts["intercept"]
-    probe.classes_ = parts["classes"]
-    probe.best_c_ = parts["C"]
+    probe = LinearProbe.from_arrays(
+        parts["mean"], parts["scale"], parts["coef"], parts["intercept"], parts["classes"], parts["C"]
+    )
     columns = parts["feature_names"] or [f"{feature_prefix}{i}" for i in range(parts["coef"].shape[1])]
     source = {
         "file": os.path.abspath(path),

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
+from sklearn.base import BaseEstimator
 from sklearn.metrics import roc_auc_score
+from sklearn.utils import check_consistent_length, column_or_1d
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from medfm.data.manifest import check_numeric_column
 from medfm.data.outputs import write_json, write_table
@@ -48,16 +50,22 @@ def _neg_log_partial_likelihood(eta: np.ndarray, time: np.ndarray, event: np.nda
     return float(loss), grad
 
 
-@dataclass
-class CoxProbe:
-    """Standardise → ridge-penalised Cox regression (penalty ``alpha/2·‖w‖²``)."""
+class CoxProbe(BaseEstimator):
+    """Standardise → ridge-penalised Cox regression (penalty ``alpha/2·‖w‖²``): a scikit-learn estimator whose
+    ``fit`` takes (features, times, events) rather than (X, y); ``alpha`` is checked in :meth:`fit`."""
 
-    alpha: float = 1.0
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = alpha
 
     def fit(self, x: np.ndarray, time: np.ndarray, event: np.ndarray) -> CoxProbe:
         """Fit on features, follow-up times and event indicators (1 = event, 0 = censored)."""
-        x = np.asarray(x, dtype=np.float64)
-        time, event = np.asarray(time, dtype=float), np.asarray(event, dtype=float)
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha}; the ridge penalty must be positive")
+        x = validate_data(self, x, dtype=np.float64)
+        time, event = column_or_1d(time, dtype=float), column_or_1d(event, dtype=float)
+        check_consistent_length(x, time, event)
+        if not (np.all(np.isfinite(time)) and np.all(np.isfinite(event))):
+            raise ConfigError("follow-up times and events must be finite numbers")
         if event.sum() == 0:
             raise ConfigError("no events among the training rows: a Cox model cannot be fitted")
         self.mean_, self.scale_ = _standardise(x)
@@ -75,7 +83,8 @@ class CoxProbe:
 
     def risk(self, x: np.ndarray) -> np.ndarray:
         """Linear risk scores (higher = earlier event)."""
-        return ((np.asarray(x, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_
+        check_is_fitted(self, "coef_")
+        return ((validate_data(self, x, dtype=np.float64, reset=False) - self.mean_) / self.scale_) @ self.coef_
 
 
 def alive_at_labels(time: np.ndarray, event: np.ndarray, horizon: float) -> tuple[np.ndarray, np.ndarray]:
