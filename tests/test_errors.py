@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import medfm
@@ -94,3 +96,62 @@ def test_a_bad_option_value_from_the_library_is_a_user_error(tmp_path, capsys):
     assert main(["fewshot", str(table), "--label", "y", "--ways", "2", "--shots", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medfm: error: ") and "shots" in err
+
+
+@pytest.fixture
+def tables(tmp_path):
+    """A good feature table with labels and survival columns, and copies with a word where a number belongs."""
+    rng = np.random.default_rng(0)
+    good = pd.DataFrame(rng.normal(size=(40, 3)), columns=["feat_0", "feat_1", "feat_2"])
+    good["y"] = [0, 1] * 20
+    good["time"] = np.arange(40) + 1.0
+    good["event"] = [1, 0] * 20
+    paths = {"good": tmp_path / "good.csv"}
+    good.to_csv(paths["good"], index=False)
+    bad = good.astype({"feat_1": object, "time": object})
+    bad.loc[3, "feat_1"] = "abc"
+    bad.loc[2, "time"] = "soon"
+    bad.loc[7, "time"] = "later"
+    paths["bad"] = tmp_path / "bad.csv"
+    bad.to_csv(paths["bad"], index=False)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["probe", "{bad}", "--label", "y", "--out", "{out}"], "column feat_1, row 3 holds 'abc', not a number"),
+        (["knn", "{bad}", "--label", "y"], "column feat_1, row 3 holds 'abc', not a number"),
+        (["compare", "{good}", "{bad}", "--label", "y"], "column feat_1, row 3 holds 'abc', not a number"),
+    ],
+    ids=["probe", "knn", "compare"],
+)
+def test_a_word_in_a_feature_column_is_a_user_error(tables, tmp_path, capsys, command, expected):
+    from medfm.cli import main
+
+    args = [a.format(bad=tables["bad"], good=tables["good"], out=tmp_path / "out") for a in command]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"medfm: error: feature table {tables['bad']}: {expected}\n"
+
+
+def test_a_word_in_a_survival_time_is_a_user_error(tables, tmp_path, capsys):
+    from medfm.cli import main
+
+    table = tables["bad"].with_name("times.csv")
+    frame = pd.read_csv(tables["bad"])
+    frame["feat_1"] = pd.read_csv(tables["good"])["feat_1"]
+    frame.to_csv(table, index=False)
+    assert main(["probe", str(table), "--survival", "time", "event", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (
+        f"medfm: error: feature table {table}: column time, row 2 holds 'soon', not a number (2 rows like it)\n"
+    )
+
+
+def test_compare_of_a_damaged_results_file(tmp_path, capsys):
+    from medfm.cli import main
+
+    results = tmp_path / "results.json"
+    results.write_text('{"label": "y"')
+    assert main(["compare", str(results), str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medfm: error: {results}: not a JSON results file")

@@ -179,6 +179,20 @@ def check_numeric_column(values: pd.Series, column: str, source: str) -> None:
         )
 
 
+def check_number_column(values: pd.Series, column: str, source: str) -> None:
+    """:func:`check_numeric_column`, and refuse any other value that is not a number (a word), naming the first row;
+    for columns where a bad value is the whole table's fault (features, follow-up times), not one row's."""
+    check_numeric_column(values, column, source)
+    numbers = pd.to_numeric(values, errors="coerce")
+    words = [row for row, v, n in zip(values.index, values, numbers) if pd.notna(v) and pd.isna(n)]
+    if words:
+        row = words[0]
+        raise ManifestError(
+            f"{source}: column {column}, row {row} holds {values[row]!r}, not a number"
+            + (f" ({len(words)} rows like it)" if len(words) > 1 else "")
+        )
+
+
 def _voxel_to_lps(table: pd.DataFrame, paths: list[str], index: np.ndarray, row_errors: dict[int, str]) -> np.ndarray:
     world = np.full_like(index, np.nan)
     geometries: dict[tuple[str, str | None], Geometry] = {}

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from medfm.data.labels import check_classes, clean_labels
-from medfm.data.manifest import read_table
+from medfm.data.manifest import check_number_column, read_table
 from medfm.data.outputs import read_sidecar, write_table
 from medfm.data.splits import SPLIT_NAMES
 from medfm.errors import ManifestError
@@ -119,6 +119,21 @@ def describe_provenance(provenance: dict) -> str:
     return f"{provenance.get('model')} ({weights}, profile {profile.get('name')} v{profile.get('version')})"
 
 
+def table_source(path: object) -> str:
+    """How messages name a feature table: ``feature table PATH``, or ``the feature table`` for a DataFrame."""
+    return "the feature table" if isinstance(path, pd.DataFrame) else f"feature table {path}"
+
+
+def feature_matrix(table: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
+    """The feature columns as a float64 (n, d) array; a cell that is not a number is named (column, row, value)."""
+    try:
+        return table[columns].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):
+        for column in columns:  # only on failure: find the first column that holds something else
+            check_number_column(table[column], column, source)
+        raise ManifestError(f"{source}: the feature columns do not all hold numbers") from None
+
+
 def read_features(
     path: str | os.PathLike[str] | pd.DataFrame, prefix: str | None = None, split_column: str | None = "split"
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
@@ -130,7 +145,7 @@ def read_features(
     else:
         table = read_table(path)
     columns = feature_columns(table, prefix)
-    features = table[columns].to_numpy(dtype=np.float64)
+    features = feature_matrix(table, columns, table_source(path))
     bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
     if len(bad):
         raise ManifestError(f"feature table {path}: row {bad[0]} has a missing or infinite feature ({len(bad)} rows)")
@@ -175,6 +190,4 @@ def read_labelled(
     if classes:
         check_classes(table[label].to_numpy(), label)
     groups = table[group].astype(str).to_numpy() if group else None
-    return Labelled(
-        table, x[keep], table[label].to_numpy(), groups, np.flatnonzero(keep), columns, int(absent.sum())
-    )
+    return Labelled(table, x[keep], table[label].to_numpy(), groups, np.flatnonzero(keep), columns, int(absent.sum()))

@@ -20,9 +20,11 @@ from medfm.errors import ManifestError, MedfmError
 from medfm.evaluate.features import (
     describe_provenance,
     feature_columns,
+    feature_matrix,
     read_features,
     read_labelled,
     table_provenance,
+    table_source,
 )
 from medfm.evaluate.figures import Scores, describe_features, roc_pr_figures
 from medfm.evaluate.linear import LinearProbe
@@ -200,7 +202,7 @@ def predict(
             "(NAME.json), so that it comes from the same model cannot be checked",
             stacklevel=2,
         )
-    x = table[columns].to_numpy(dtype=np.float64)
+    x = feature_matrix(table, columns, table_source(features))
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
         raise ManifestError(f"feature table: row {bad[0]} has a missing or infinite feature ({len(bad)} rows)")

@@ -18,11 +18,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils import check_consistent_length, column_or_1d
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from medfm.data.manifest import check_numeric_column
+from medfm.data.manifest import check_number_column
 from medfm.data.outputs import write_json, write_table
 from medfm.data.splits import make_splits
 from medfm.errors import ConfigError, ManifestError
-from medfm.evaluate.features import read_labelled
+from medfm.evaluate.features import read_labelled, table_source
 from medfm.evaluate.linear import _row_span, _standardise
 from medfm.evaluate.metrics import bootstrap_values, concordance_index, percentile_interval
 
@@ -116,9 +116,9 @@ def run_survival(
         raise ManifestError(f"column {time_column!r} not found; columns are {list(data.table.columns)[:20]}")
     timed = data.table[time_column].notna().to_numpy()
     table, x, rows = data.table[timed].reset_index(drop=True), data.x[timed], data.rows[timed]
-    source = "the feature table" if isinstance(features, pd.DataFrame) else f"feature table {features}"
+    source = table_source(features)
     for column in (time_column, event_column):  # name the row of a '0,640' rather than numpy's float error
-        check_numeric_column(pd.Series(table[column].to_numpy(), index=rows), column, source)
+        check_number_column(pd.Series(table[column].to_numpy(), index=rows), column, source)
     time = table[time_column].to_numpy(dtype=float)
     event = table[event_column].to_numpy(dtype=float)
     groups = None if data.groups is None else data.groups[timed]
