@@ -118,6 +118,33 @@ def test_crop_skips_bad_rows(tmp_path, demo):
     assert np.load(clean.patches).shape == (8, 1, 50, 50, 50)
 
 
+def test_crop_pads_a_seed_just_outside_and_says_so(tmp_path, demo):
+    manifest_path, expected = demo
+    table = pd.read_csv(manifest_path)
+    table["image_path"] = [str(manifest_path.parent / p) for p in table["image_path"]]
+    geometry = read_volume(table.loc[3, "image_path"]).geometry
+    index = geometry.world_to_index(table.loc[3, ["coordX", "coordY", "coordZ"]].to_numpy(dtype=float))
+    index[2] = geometry.size[2] - 0.5 + 4.0 / geometry.spacing[2]  # 4 mm above the top slice
+    table.loc[3, ["coordX", "coordY", "coordZ"]] = geometry.index_to_world(index)
+    path = tmp_path / "border.csv"
+    table.to_csv(path, index=False)
+    manifest = read_manifest(path)
+
+    result = crop_manifest(manifest, "fmcib", tmp_path / "out", progress=False)
+    patches = np.load(result.patches)
+    index_table = pd.read_csv(result.index, keep_default_na=False)
+    assert index_table["row"].tolist() == list(range(8))
+    warned = index_table["warnings"].tolist()
+    assert warned[:3] + warned[4:] == [""] * 7
+    assert warned[3].startswith("seed (") and "lies 4.0 mm outside the volume" in warned[3]
+    np.testing.assert_allclose(patches[3], crop_patch(read_volume(manifest.paths[3]), manifest.seeds_lps[3], FMCIB))
+    np.testing.assert_allclose(patches[[0, 1, 2, 4]], expected[[0, 1, 2, 4]], atol=1e-6)
+
+    centred = crop_manifest(manifest, "fmcib-centred", tmp_path / "c", on_error="skip", progress=False)
+    assert list(centred.errors) == [3] and "4.0 mm outside the volume" in centred.errors[3]
+    assert "warnings" not in pd.read_csv(centred.index).columns
+
+
 def test_crop_skips_an_unreadable_volume(tmp_path, demo):
     """A file that exists but is cut short fails when read: all its rows are skipped with the reason."""
     manifest_path, expected = demo

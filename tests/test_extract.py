@@ -256,6 +256,36 @@ def test_row_outside_volume_raises_and_keeps_finished_rows(demo, base, tmp_path)
     np.testing.assert_allclose(feats, good[FEATS].to_numpy()[:3], atol=1e-5)
 
 
+def seed_outside(path: str, seed: np.ndarray, mm: float) -> np.ndarray:
+    """The LPS seed moved to ``mm`` millimetres beyond the volume's low x face (its y and z kept)."""
+    geometry = read_volume(path).geometry
+    index = geometry.world_to_index(np.asarray(seed, dtype=float))
+    index[0] = -0.5 - mm / geometry.spacing[0]
+    return geometry.index_to_world(index)
+
+
+def test_seed_just_outside_gives_fmcibs_padded_patch_with_a_warning(demo, half, tmp_path):
+    table = pd.read_csv(demo.manifest_path).iloc[:4].copy()
+    moved = seed_outside(half.paths[2], half.seeds_lps[2], 5.0)
+    table.loc[2, ["coordX", "coordY", "coordZ"]] = moved
+    manifest = write_manifest(demo, table, "border.csv")
+    out = tmp_path / "f.parquet"
+    result = run(manifest, out)
+    features = pd.read_parquet(out)
+    assert list(features.columns) == list(table.columns) + ["warnings"] + FEATS
+    assert features["warnings"].iloc[[0, 1, 3]].tolist() == ["", "", ""]
+    assert "lies 5.0 mm outside the volume" in features["warnings"].iloc[2]
+    assert list(json.loads(result.sidecar.read_text())["flagged_rows"]) == ["2"]
+    patch = crop_patch(read_volume(manifest.paths[2]), moved, get_profile("fmcib"))
+    with torch.inference_mode():
+        expected = load_model(MODEL, None, seed=0).model.eval()(torch.from_numpy(patch[None])).numpy()[0]
+    np.testing.assert_allclose(features[FEATS].to_numpy()[2], expected, atol=1e-5)
+    # fmcib-centred refuses the row; no warnings column then
+    centred = run(manifest, tmp_path / "c.parquet", profile="fmcib-centred", on_error="skip")
+    assert list(centred.errors) == [2] and "5.0 mm outside" in centred.errors[2]
+    assert "warnings" not in pd.read_parquet(tmp_path / "c.parquet").columns
+
+
 def test_resume_after_interruption(demo, base, tmp_path, monkeypatch):
     _, good = base
     out = tmp_path / "f.parquet"

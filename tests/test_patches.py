@@ -111,6 +111,56 @@ def test_parity_with_whole_volume_fmcib_chain(parity_files, reference, volume_na
     assert np.std(ours) > 0.1
 
 
+def _outside_seeds(geometry, mm):
+    """Continuous indices ``mm`` millimetres outside the volume's edge (half a voxel beyond the outer voxel
+    centres): off the low x face, off the high z face, and off a low corner along the diagonal."""
+    n = np.asarray(geometry.size, dtype=float)
+    spacing = np.asarray(geometry.spacing)
+    mid = (n - 1) / 2 + (0.3, -0.2, 0.1)
+    along = mm / np.sqrt(3.0) / spacing
+    return {
+        "x-low": np.array([-0.5 - mm / spacing[0], mid[1], mid[2]]),
+        "z-high": np.array([mid[0], mid[1], n[2] - 0.5 + mm / spacing[2]]),
+        "corner": -0.5 - along,
+    }
+
+
+OUTSIDE_CASES = [
+    (volume, side, mm)
+    for volume in PARITY_VOLUMES
+    for side in ("x-low", "z-high", "corner")
+    for mm in (4.0, 5.0, 6.0)
+    if volume in ("aniso", "flip-x", "oblique") or mm == 5.0
+]
+
+
+@pytest.mark.parametrize(("volume_name", "side", "mm"), OUTSIDE_CASES)
+def test_parity_for_seeds_4_to_6_mm_outside(parity_files, reference, volume_name, side, mm):
+    # FMCIB's chain crops the part of the ±25 box that lies inside the resampled scan and pads it: profile fmcib
+    # gives that patch, with a warning; fmcib-centred refuses the seed.
+    path = parity_files[volume_name]
+    volume = read_volume(path)
+    seed = volume.geometry.index_to_world(_outside_seeds(volume.geometry, mm)[side])
+
+    ours = crop_patch(volume, seed, FMCIB)
+    theirs = reference(str(path), tuple(float(s) for s in seed))
+    assert ours.shape == theirs.shape == (1, 50, 50, 50)
+    assert np.max(np.abs(ours - theirs)) <= 1e-4
+    assert np.std(ours) > 0.1  # part of it is the scan's random HU
+
+    plan = plan_patch(volume.geometry, seed, FMCIB)
+    assert plan.warning is not None and f"lies {mm:.1f} mm outside the volume" in plan.warning
+    assert "padded" in plan.warning
+    with pytest.raises(PatchError, match=f"lies {mm:.1f} mm outside the volume"):
+        plan_patch(volume.geometry, seed, FMCIB_CENTRED)
+
+
+def test_inside_seeds_carry_no_warning(parity_files):
+    volume = read_volume(parity_files["aniso"])
+    for index in _parity_seeds(volume.geometry.size).values():
+        assert plan_patch(volume.geometry, volume.geometry.index_to_world(index), FMCIB).warning is None
+
+
 def test_parity_with_a_non_cubic_odd_patch(parity_files, reference):
     profile = replace(FMCIB, name="test-odd", size=(21, 30, 41))
     path = parity_files["flip-y"]
@@ -149,14 +199,19 @@ def _volume(array, geometry, tmp_path, name="v.nii.gz"):
 
 def test_seed_outside_the_volume_raises(small_ct):
     volume = read_volume(small_ct.path)
-    far = volume.geometry.index_to_world(np.array([-40.0, 10.0, 10.0]))
-    with pytest.raises(PatchError, match="outside the volume") as info:
-        crop_patch(volume, far, FMCIB)
-    assert "mm lies" in str(info.value)
-    above = volume.geometry.index_to_world(np.array([10.0, 10.0, 30.0]))  # 6 slices × 2.5 mm above the top
+    far = volume.geometry.index_to_world(np.array([-40.0, 10.0, 10.0]))  # 39.5 × 0.75 mm: the box misses the scan
     for profile in (FMCIB, FMCIB_CENTRED):
-        with pytest.raises(PatchError, match="outside the volume"):
-            plan_patch(volume.geometry, above, profile)
+        with pytest.raises(PatchError, match="lies 29.6 mm outside the volume"):
+            crop_patch(volume, far, profile)
+    with pytest.raises(PatchError, match="50×50×50 box does not reach the volume"):
+        plan_patch(volume.geometry, far, FMCIB)
+    above = volume.geometry.index_to_world(np.array([10.0, 10.0, 30.0]))  # 6.5 slices × 2.5 mm above the top
+    with pytest.raises(PatchError, match="lies 16.2 mm outside the volume"):
+        plan_patch(volume.geometry, above, FMCIB_CENTRED)
+    # FMCIB's clamp-and-pad reaches 25 mm around the seed: the 8 slices of the 1 mm grid its box still covers, padded
+    plan = plan_patch(volume.geometry, above, FMCIB)
+    assert plan.warning.startswith("seed (") and "lies 16.2 mm outside the volume" in plan.warning
+    assert np.subtract(plan.data_hi, plan.data_lo)[2] == 8
 
 
 @pytest.mark.parametrize("seed", [(np.nan, 0.0, 0.0), (0.0, np.inf, 0.0), (1.0, 2.0)])

@@ -11,7 +11,7 @@ import numpy as np
 from medfm.data.datasets import iter_volume_items
 from medfm.data.io import Geometry, write_volume
 from medfm.data.manifest import Manifest
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table
+from medfm.data.outputs import atomic_path, with_warnings, write_errors, write_json, write_table
 from medfm.data.profiles import Profile, Profile2D, get_profile
 from medfm.errors import MedfmError
 from medfm.progress import progress_bar
@@ -42,7 +42,8 @@ def crop_manifest(
 ) -> CropResult:
     """Write ``patches.npy`` (N, C, Z, Y, X) — (N, C, H, W) for 2D profiles — float32 in row order, and ``index.csv``.
 
-    Rows read under ``irregular_series='resample'`` or ``non_finite='pad'`` say so in a ``warnings`` column.
+    Rows read under ``irregular_series='resample'`` or ``non_finite='pad'``, and seeds outside the volume that profile
+    ``fmcib`` pads as FMCIB, say so in a ``warnings`` column.
     """
     profile = get_profile(profile)
     if nifti and isinstance(profile, Profile2D):
@@ -94,9 +95,7 @@ def crop_manifest(
     index = manifest.table.iloc[done].copy()
     index.insert(0, "patch_index", np.arange(len(done)))
     index.insert(0, "row", done)
-    if flags:
-        index["warnings"] = [flags.get(row, "") for row in done]
-    index_path = write_table(index, out / "index.csv")
+    index_path = write_table(with_warnings(index, done, flags), out / "index.csv")
     write_json(
         {"profile": profile.to_dict(), "manifest": manifest.source, "coords": manifest.coords}, out / "crop.json"
     )

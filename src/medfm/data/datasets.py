@@ -30,7 +30,8 @@ from medfm.errors import ConfigError, MedfmError, RowError
 
 @dataclass
 class VolumeItem:
-    """The patches of one volume: good rows with their patch and geometry, bad rows with a reason."""
+    """The patches of one volume: good rows with their patch and geometry, bad rows with a reason, and good rows
+    whose patch deserves a look with a warning (e.g. a seed outside the volume, padded as FMCIB)."""
 
     rows: list[int] = field(default_factory=list)
     patches: list[np.ndarray] = field(default_factory=list)
@@ -39,6 +40,7 @@ class VolumeItem:
     warning: str | None = None  # shown once a run (the intensity check)
     notices: list[str] = field(default_factory=list)  # shown for every file (e.g. disagreeing qform and sform)
     flags: dict[int, str] = field(default_factory=dict)  # good rows read under an opt-in (irregular series, NaN)
+    # or whose seed lies outside the volume (profile fmcib pads the patch as FMCIB)
 
 
 NON_FINITE = ("refuse", "pad")  # what to do with NaN/Inf voxels where a patch is sampled
@@ -120,6 +122,8 @@ class VolumePatches(Dataset):
             item.patches.append(sample_patch(volume, plan, self.profile))
             item.geometries.append(plan.geometry)
             item.rows.append(row)
+            if plan.warning:  # a seed outside the volume, padded as FMCIB
+                item.flags[row] = "; ".join(filter(None, [item.flags.get(row), plan.warning]))
         return item
 
     def _nonfinite(self, path: str, volume: Volume, whole: Geometry) -> np.ndarray:

@@ -245,6 +245,23 @@ def sidecar_path(dest: str | os.PathLike[str]) -> Path:
     return stem.with_name(stem.name + ".json")
 
 
+WARNINGS_COLUMN = "warnings"
+
+
+def with_warnings(table: pd.DataFrame, rows: list[int], warnings: dict[int, str]) -> pd.DataFrame:
+    """``table`` (one line per manifest row of ``rows``) plus a ``warnings`` column ('' where none) when any of
+    its rows has a warning; a manifest column of that name is refused rather than overwritten."""
+    if not any(r in warnings for r in rows):
+        return table
+    if WARNINGS_COLUMN in table.columns:
+        raise OutputError(
+            f"the manifest has a column {WARNINGS_COLUMN!r}, where medfm writes its row warnings; rename that column"
+        )
+    out = table.copy()
+    out[WARNINGS_COLUMN] = [warnings.get(r, "") for r in rows]
+    return out
+
+
 def write_errors(table: pd.DataFrame, errors: dict[int, str], dest: str | os.PathLike[str]) -> Path | None:
     """Write the bad rows (all their manifest columns plus ``row`` and ``reason``), or remove a stale file."""
     path = errors_path(dest)

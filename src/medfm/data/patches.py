@@ -35,7 +35,8 @@ class PatchPlan:
     """Where a patch lies on the resampled grid: its first grid index and which voxels hold data.
 
     ``start`` is the grid index (x, y, z) of patch voxel (0, 0, 0); voxels of the patch outside
-    ``[data_lo, data_hi)`` (grid indices) are padding.
+    ``[data_lo, data_hi)`` (grid indices) are padding. ``warning`` says why a patch was cut but deserves a look
+    (a seed outside the volume whose box still reaches it, under a ``clamp-pad`` profile, as FMCIB).
     """
 
     grid: ResampledGrid
@@ -44,6 +45,7 @@ class PatchPlan:
     data_lo: tuple[int, int, int]
     data_hi: tuple[int, int, int]
     size_xyz: tuple[int, int, int]
+    warning: str | None = None
 
     @property
     def affine_lps(self) -> np.ndarray:
@@ -111,10 +113,13 @@ def plan_patch(
     shape = np.asarray(grid.shape)
     source_index = geometry.world_to_index(seed)  # checked against the scan itself, not the 1 mm grid
     beyond = np.maximum(np.maximum(-0.5 - source_index, source_index - (np.asarray(geometry.size) - 0.5)), 0.0)
+    outside = None
     if np.any(beyond > 0):
         distance = np.linalg.norm(beyond * np.asarray(geometry.spacing))
         name = given or f"seed ({seed[0]:.1f}, {seed[1]:.1f}, {seed[2]:.1f}) mm"
-        raise PatchError(f"{name} lies {distance:.1f} mm outside the volume")
+        outside = f"{name} lies {distance:.1f} mm outside the volume"
+        if profile.border != "clamp-pad":
+            raise PatchError(outside)
     if profile.seed_rounding == "trunc":
         centre = np.array([int(c) for c in index])
     else:
@@ -125,7 +130,8 @@ def plan_patch(
         lo = np.maximum(centre - half, 0)
         hi = np.minimum(centre + half, shape)
         if np.any(hi <= lo):
-            raise PatchError(f"the crop at seed index {tuple(centre.tolist())} is empty")
+            box = "×".join(str(int(n)) for n in profile.size[::-1])
+            raise PatchError(f"{outside or 'seed'}: its {box} box does not reach the volume")
         start = lo - (size_xyz - (hi - lo)) // 2
     else:
         start = centre - half
@@ -137,6 +143,7 @@ def plan_patch(
         data_lo=tuple(int(v) for v in lo),
         data_hi=tuple(int(v) for v in hi),
         size_xyz=tuple(int(s) for s in size_xyz),
+        warning=f"{outside}: the part of the box inside it, padded (as FMCIB)" if outside else None,
     )
 
 

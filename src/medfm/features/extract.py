@@ -2,7 +2,8 @@
 
 Volumes are read once each, in worker processes that run ahead of the network; finished rows are written
 to ``NAME.partial/`` as they complete so an interrupted run continues with ``resume=True``; the final table
-(manifest columns + features) and its JSON sidecar are written atomically.
+(manifest columns + features, and a ``warnings`` column when a row was read with a flag, e.g. a seed outside the volume
+padded as FMCIB) and its JSON sidecar are written atomically.
 
 With ``devices`` (and ``num_nodes``) above one, Lightning Fabric starts one process per device (DDP; gloo on the
 CPU). The volumes are dealt out round-robin, each process writes its own parts into the shared ``.partial/``
@@ -33,6 +34,7 @@ from medfm.data.outputs import (
     errors_path,
     sidecar_path,
     stem_of,
+    with_warnings,
     write_errors,
     write_feature_table,
     write_json,
@@ -174,7 +176,9 @@ def _done_rows(
     parts = []
     for file in sorted(partial.glob("part-*.npz")):
         with np.load(file) as part:
-            part = {key: part[key] for key in PART_KEYS} if "digests" in part else None
+            part = (
+                {key: part[key] for key in (*PART_KEYS, "warnings") if key in part} if "digests" in part else None
+            )  # warnings: the rows' flags (absent from parts of older medfm versions)
         if part is None:  # a part of a medfm without row digests: nothing in it can be checked
             continue
         keep = [
@@ -230,7 +234,8 @@ def extract_features(
     ``devices``/``num_nodes`` above one run one process per device (Lightning Fabric, DDP); every process
     returns the same result, rank 0 writes the files.
     ``irregular_series='resample'`` and ``non_finite='pad'`` read what would otherwise be row errors (see
-    :func:`~medfm.data.datasets.iter_volume_items`); the rows so read are listed in the sidecar's ``flagged_rows``.
+    :func:`~medfm.data.datasets.iter_volume_items`); the rows so read, and seeds outside the volume that profile
+    ``fmcib`` pads as FMCIB, say so in the table's ``warnings`` column and the sidecar's ``flagged_rows``.
     Finished rows are kept for ``resume`` every ``flush_every`` rows or ``flush_seconds``, whichever comes first,
     so a killed run loses at most that much work; a resumed run recomputes rows whose inputs changed.
     """
@@ -302,6 +307,7 @@ def extract_features(
             "paths": np.asarray([manifest.paths[r] for r in finished_rows]),
             "digests": np.asarray([manifest.row_digest(r) for r in finished_rows]),
             "features": np.concatenate(finished_feats),
+            "warnings": np.asarray([flags.get(r, "") for r in finished_rows], dtype=str),
         }
         with atomic_path(partial / part_name.format(n=part_number)) as tmp:
             with open(tmp, "wb") as fh:
@@ -367,6 +373,8 @@ def extract_features(
     rows = rows[order].tolist()
     dim = parts[0]["features"].shape[1] if parts else loaded.entry.feature_dim
     features = np.concatenate([p["features"] for p in parts])[order] if parts else np.zeros((0, dim), np.float32)
+    for part in parts:  # every process's and an earlier run's flags (parts from before they were kept have none)
+        flags.update({int(r): str(w) for r, w in zip(part["rows"], part.get("warnings", ())) if w})
     errors_file = write_errors(manifest.table, errors, out)
     provenance = {
         "medfm_version": medfm.__version__,
@@ -386,14 +394,15 @@ def extract_features(
         "errors_file": str(errors_file) if errors_file else None,
         "irregular_series": irregular_series,
         "non_finite": non_finite,
-        "flagged_rows": {str(row): flags[row] for row in sorted(flags)},  # this run's; a resumed run's are not kept
+        "flagged_rows": {str(row): flags[row] for row in sorted(flags)},  # as the table's warnings column
         "precision": precision,
         "device": str(runner.device),
         "processes": workers.world,
         "seconds": round(time.perf_counter() - start, 3),
     }
     # the table and its sidecar are one pair: both written, or neither (the sidecar records the table's SHA-256)
-    write_feature_table(manifest.table.iloc[rows], features, _feature_columns(column_prefix, dim), out, provenance)
+    table = with_warnings(manifest.table.iloc[rows], rows, flags)
+    write_feature_table(table, features, _feature_columns(column_prefix, dim), out, provenance)
     sidecar = sidecar_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     if workers.world > 1:
