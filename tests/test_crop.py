@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import socket
 
 import numpy as np
 import pandas as pd
@@ -12,10 +16,11 @@ from medfm.cli import main
 from medfm.data.crop import crop_manifest
 from medfm.data.io import read_volume
 from medfm.data.manifest import read_manifest
+from medfm.data.outputs import output_lock
 from medfm.data.patches import crop_patch, plan_patch
 from medfm.data.profiles import FMCIB
 from medfm.data.synthetic import LESION_KINDS, make_demo_dataset
-from medfm.errors import RowError
+from medfm.errors import OutputError, RowError
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +253,64 @@ def test_crop_refuses_a_gapped_series_and_reads_it_by_position_when_asked(tmp_pa
     index = pd.read_csv(result.index)
     flag = f"read anyway: series {SERIES_UID}: {BROKEN['gap'][1]}; slices interpolated by position"
     assert index["warnings"].tolist() == [flag, flag]
+
+
+def test_a_second_crop_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, demo):
+    manifest_path, expected = demo
+    out = tmp_path / "out"
+    out.mkdir()
+    other = out / ".patches.staging.npy"  # the staging file of another run (the name medfm once fixed)
+    other.write_bytes(b"another run's patches")
+    with output_lock(out / "patches.npy"):  # as a crop running in another process holds it
+        with pytest.raises(OutputError) as info:
+            crop_manifest(read_manifest(manifest_path), "fmcib", out, num_workers=0, progress=False)
+        assert str(info.value) == (
+            f"{out / 'patches.npy'} is being written by process {os.getpid()} on {socket.gethostname()} "
+            f"(since {json.loads((out / '.patches.npy.lock').read_text())['started']}); wait for it to finish, "
+            f"or remove {out / '.patches.npy.lock'} if it is gone"
+        )
+    result = crop_manifest(read_manifest(manifest_path), "fmcib", out, num_workers=0, progress=False)
+    np.testing.assert_allclose(np.load(result.patches), expected, atol=1e-6)
+    assert other.read_bytes() == b"another run's patches"  # its staging file untouched: staging names are unique
+    assert sorted(p.name for p in out.iterdir()) == [".patches.staging.npy", "crop.json", "index.csv", "patches.npy"]
+
+
+def test_disk_full_while_cropping_is_one_line_and_leaves_no_staging_file(tmp_path, demo, monkeypatch):
+    manifest_path, _ = demo
+    out = tmp_path / "out"
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError) as info:
+        crop_manifest(read_manifest(manifest_path), "fmcib", out, num_workers=0, progress=False)
+    assert str(info.value) == f"cannot write {out / 'patches.npy'}: the disk is full; it needs 4.0 MB"  # 8 × 50³ × 4
+    assert list(out.iterdir()) == []  # no staging file, no lock
+
+
+def test_crop_checks_free_space_and_the_output_before_the_work(tmp_path, demo, monkeypatch):
+    manifest_path, _ = demo
+    manifest = read_manifest(manifest_path)
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match=r"^--out .*taken is a file; name a folder to write$"):
+        crop_manifest(manifest, "fmcib", a_file, num_workers=0, progress=False)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    with pytest.raises(OutputError, match=r"patches\.npy: it needs 4\.0 MB, the disk has 1\.0 MB free$"):
+        crop_manifest(manifest, "fmcib", tmp_path / "out", num_workers=0, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_crop_refuses_manifest_columns_it_writes_itself(tmp_path, demo):
+    manifest_path, _ = demo
+    table = pd.read_csv(manifest_path)
+    table.insert(0, "patch_index", range(len(table)))
+    path = manifest_path.parent / "with_index.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(OutputError) as info:
+        crop_manifest(read_manifest(path), "fmcib", tmp_path / "out", num_workers=0, progress=False)
+    assert str(info.value) == (
+        f"manifest {path}: column 'patch_index' is one medfm writes itself; rename it in the manifest"
+    )

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,7 @@ from medfm.data.outputs import sidecar_path
 from medfm.data.patches import crop_patch
 from medfm.data.profiles import get_profile
 from medfm.data.synthetic import make_demo_dataset
-from medfm.errors import ConfigError, MedfmError, RowError, WeightsError
+from medfm.errors import ConfigError, MedfmError, OutputError, RowError, WeightsError
 from medfm.features.extract import FeatureRunner, extract_features
 from medfm.models import load_model
 
@@ -381,8 +387,12 @@ def test_a_gapped_series_is_a_row_error_or_a_flagged_row_with_irregular_series_r
     # the features are those of the same scan with its missing slice present (values linear in z: exact)
     model = load_model(MODEL, None, seed=0).model.eval()
     with torch.inference_mode():
-        expected = model(torch.from_numpy(crop_patch(read_volume(full), (-4.0, -3.0, 27.5), get_profile("fmcib"))[None]))
-    np.testing.assert_allclose(pd.read_parquet(result.features)[FEATS].to_numpy()[0], expected.numpy()[0], rtol=1e-4, atol=1e-5)
+        expected = model(
+            torch.from_numpy(crop_patch(read_volume(full), (-4.0, -3.0, 27.5), get_profile("fmcib"))[None])
+        )
+    np.testing.assert_allclose(
+        pd.read_parquet(result.features)[FEATS].to_numpy()[0], expected.numpy()[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_resume_recomputes_rows_whose_inputs_changed(demo, tmp_path, monkeypatch):
@@ -427,3 +437,63 @@ def test_weights_none_needs_an_explicit_random_init(demo, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
     result = run(demo.manifest, out, random_init=True, weights=None)
     assert result.n_rows == len(demo.manifest)
+
+
+def test_manifest_columns_colliding_with_the_output_are_refused_before_the_work(demo, base, tmp_path):
+    _, good = base
+    again = demo.folder / "own_output.parquet"  # its own earlier output used as a manifest: feat_* already there
+    good.to_parquet(again, index=False)
+    out = tmp_path / "f.parquet"
+    with pytest.raises(OutputError) as info:
+        run(read_manifest(again), out)
+    assert str(info.value) == (
+        f"manifest {again}: column 'feat_0' collides with the feature columns feat_<i> (an earlier extraction's "
+        "output?); give another --column-prefix, or rename or drop those columns"
+    )
+    table = pd.read_csv(demo.manifest_path)
+    table.insert(0, "row", range(len(table)))
+    with pytest.raises(OutputError, match=r"column 'row' is one medfm writes itself; rename it in the manifest$"):
+        run(write_manifest(demo, table, "with_row.csv"), out)
+    (tmp_path / "folder.parquet").mkdir()
+    with pytest.raises(OutputError, match=r"^--out .*folder\.parquet is a folder; name a file to write$"):
+        run(demo.manifest, tmp_path / "folder.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.parquet"]
+
+
+def test_kill_9_keeps_finished_rows_and_the_resumed_table_equals_an_uninterrupted_run(demo, base, tmp_path):
+    """SIGKILL at a random point of a run that keeps rows by time (flush_seconds=0): the rows it finished are kept,
+    --resume computes only the others (taking over the dead run's lock), and the table equals base's."""
+    _, good = base
+    out, partial = tmp_path / "f.parquet", tmp_path / "f.partial"
+    script = (
+        "from medfm.data.manifest import read_manifest\n"
+        "from medfm.features.extract import extract_features\n"
+        f"extract_features(read_manifest({str(demo.manifest_path)!r}), {str(out)!r}, model={MODEL!r}, "
+        "random_init=True, num_workers=0, progress=False, batch_size=1, device='cpu', flush_seconds=0.0)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(medfm.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    kill_after = random.Random(19).randint(1, 6)  # rows kept before the kill
+    process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 600
+    try:
+        while len(partial_rows(partial)[0]) < kill_after:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not out.exists() and (tmp_path / ".f.parquet.lock").exists()
+    kept, _, feats = partial_rows(partial)
+    assert kill_after <= len(kept) < 8 and kept == sorted(kept)
+    np.testing.assert_allclose(feats, good[FEATS].to_numpy()[kept], atol=1e-5)
+    result = run(demo.manifest, out, resume=True)
+    assert result.n_computed == 8 - len(kept)  # finished rows were not computed again
+    table = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(table.drop(columns=FEATS), good.drop(columns=FEATS))
+    np.testing.assert_allclose(table[FEATS].to_numpy(), good[FEATS].to_numpy(), atol=1e-5)
+    assert not partial.exists() and not (tmp_path / ".f.parquet.lock").exists()

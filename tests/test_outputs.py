@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ import pandas as pd
 import pytest
 
 from medfm.data import outputs
-from medfm.data.outputs import FinishedRows, read_sidecar, write_feature_table
+from medfm.data.outputs import FinishedRows, check_output, output_lock, read_sidecar, write_feature_table
 from medfm.errors import OutputError
 
 
@@ -84,3 +88,48 @@ def test_a_crash_between_the_renames_never_leaves_an_old_sidecar_beside_a_new_ta
     assert len(pd.read_parquet(path)) == 5
     assert read_sidecar(path) is None  # the earlier run's sidecar was removed first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.parquet"]
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    lock = tmp_path / ".f.parquet.lock"
+    lock.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "started": "earlier"}))
+    with output_lock(tmp_path / "f.parquet") as held:
+        assert held == lock
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(OutputError, match=rf"being written by process {os.getpid()} on "):
+            with output_lock(tmp_path / "f.parquet"):
+                pass
+    assert not lock.exists()
+    lock.write_text(json.dumps({"pid": dead_pid, "host": "another-host", "started": "earlier"}))
+    with pytest.raises(OutputError, match=rf"being written by process {dead_pid} on another-host \(since earlier\)"):
+        with output_lock(tmp_path / "f.parquet"):  # another machine's process: whether it runs cannot be known
+            pass
+
+
+def test_check_output_before_the_work(tmp_path, monkeypatch):
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(OutputError, match=r"^--out .*dir\.parquet is a folder; name a file to write$"):
+        check_output(tmp_path / "dir.parquet")
+    assert check_output(tmp_path / "new" / "deeper" / "f.parquet") == tmp_path / "new" / "deeper" / "f.parquet"
+    assert not (tmp_path / "new").exists()  # checked, nothing made
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only)
+    with pytest.raises(OutputError, match=r"^cannot write .*f\.parquet: the file system is read-only$"):
+        check_output(tmp_path / "f.parquet")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_output_in_a_read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match=r"^cannot write .*ro/out: permission denied$"):
+            check_output(folder / "out", folder=True)
+    finally:
+        folder.chmod(0o755)

@@ -372,6 +372,10 @@ def _transfer(args: argparse.Namespace) -> None:
 
     if args.out and not args.out.endswith(".safetensors"):
         raise MedfmError(f"--out {args.out}: name a .safetensors file")
+    if args.out:
+        from medfm.data.outputs import check_output
+
+        check_output(args.out)  # before the work: a read-only folder or a folder in the way is said now
     model = create(args.into, weights=None)
     report = transfer_weights(args.src, model, inflate=args.inflate)
     print(report.summary())

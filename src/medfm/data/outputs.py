@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -311,3 +313,105 @@ class FinishedRows:
     def close(self) -> None:
         """Remove the kept rows: the command has written its tables."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def check_output(target: str | os.PathLike[str], folder: bool = False) -> Path:
+    """Before any work: ``target`` (a file, or with ``folder`` a folder) can be written — it is not a folder where a
+    file goes (or the reverse), and its folder (or the nearest one that exists) takes a new file. Returns it."""
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        what = "a folder" if target.is_dir() else "a file"
+        raise OutputError(f"--out {target} is {what}; name {'a folder' if folder else 'a file'} to write")
+    where = target if folder else target.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"cannot write {target}: {where} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".medfm-write-check.", dir=where)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise write_failure(target, err) from None
+    return target
+
+
+def check_free_space(folder: str | os.PathLike[str], needed: int, target: str | os.PathLike[str]) -> None:
+    """Refuse before the work when ``folder``'s disk has less than ``needed`` bytes free for ``target``."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(f"cannot write {target}: it needs {_size(needed)}, the disk has {_size(free)} free")
+
+
+def check_columns_free(columns: Sequence[object], names: Sequence[str], prefix: str | None, source: str) -> None:
+    """Refuse a manifest whose columns collide with those medfm writes beside them: ``names`` (``row``,
+    ``patch_index``, ``reason``, ``warnings`` …) or ``prefix`` + number (the feature columns)."""
+    for column in columns:
+        text = str(column)
+        if text in names:
+            raise OutputError(
+                f"manifest {source}: column {text!r} is one medfm writes itself; rename it in the manifest"
+            )
+        if prefix and text.startswith(prefix) and text[len(prefix) :].isdigit():
+            raise OutputError(
+                f"manifest {source}: column {text!r} collides with the feature columns {prefix}<i> (an earlier "
+                "extraction's output?); give another --column-prefix, or rename or drop those columns"
+            )
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``.NAME.lock`` beside ``target`` while writing it: a second writer is refused, naming the process
+    (PID, host) that holds it; a lock left by a process of this host that no longer runs is taken over."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                lock.unlink(missing_ok=True)  # its process is gone: take the lock over
+                continue
+            who = (
+                f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
+                if holder
+                else "another process"
+            )
+            raise OutputError(
+                f"{target} is being written by {who}; wait for it to finish, or remove {lock} if it is gone"
+            ) from None
+        except OSError as err:
+            raise write_failure(lock, err) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    else:  # pragma: no cover - another process kept taking the lock between our attempts
+        raise OutputError(f"{target}: could not take {lock}")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _alive(pid: object) -> bool:
+    """Whether a process of this host runs with ``pid``."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

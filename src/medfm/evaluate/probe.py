@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from medfm.data.manifest import read_table
-from medfm.data.outputs import write_json, write_table
+from medfm.data.outputs import check_output, write_json, write_table
 from medfm.data.splits import make_splits
 from medfm.errors import ManifestError, MedfmError
 from medfm.evaluate.features import (
@@ -78,6 +78,7 @@ def run_probe(
     profile; or ``provenance`` given with a DataFrame), so that ``predict`` refuses another model's table.
     Rows whose label is one of ``label_missing`` (default: 'NA', 'unknown', '?', …) are left out and counted.
     """
+    check_output(out_dir, folder=True)  # before the work: a read-only folder or a file in the way is said now
     provenance = table_provenance(features) if provenance is None else provenance
     data = read_labelled(features, label, group, feature_prefix, split_column, missing=label_missing)
     if not isinstance(features, pd.DataFrame) and os.path.isdir(features):
@@ -187,6 +188,7 @@ def predict(
     The table must hold exactly the probe's feature columns and, where both record it, come from the same model,
     weights and profile: anything else is refused, naming both.
     """
+    check_output(out)
     probe, columns = LinearProbe.load(probe_path)
     table = features if isinstance(features, pd.DataFrame) else read_table(features)
     columns = _check_columns(probe, columns, table)

@@ -31,7 +31,10 @@ from medfm.data.datasets import auto_workers, iter_volume_items, stack_patches
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import (
     atomic_path,
+    check_columns_free,
+    check_output,
     errors_path,
+    output_lock,
     sidecar_path,
     stem_of,
     with_warnings,
@@ -238,14 +241,49 @@ def extract_features(
     ``fmcib`` pads as FMCIB, say so in the table's ``warnings`` column and the sidecar's ``flagged_rows``.
     Finished rows are kept for ``resume`` every ``flush_every`` rows or ``flush_seconds``, whichever comes first,
     so a killed run loses at most that much work; a resumed run recomputes rows whose inputs changed.
+    Before any work, ``out`` must be writable, no manifest column may collide with the columns written (the
+    feature columns, ``row``/``reason`` of the errors file), and no other process may be writing ``out``.
     """
-    out = Path(out)
+    options = dict(locals())
     if weights is None and not random_init and not isinstance(model, LoadedModel):
         raise ConfigError(
             "weights=None would give features of a randomly initialised trunk: pass random_init=True to mean it "
             "(the CLI's --random-init), or weights='published' or a weight file"
         )
+    out = check_output(out)
+    check_columns_free(manifest.table.columns, ("row", "reason"), column_prefix, manifest.source)
     workers = start_workers(devices, num_nodes, device)
+    with output_lock(out) if workers.rank == 0 else contextlib.nullcontext():
+        return _extract(**{**options, "out": out}, workers=workers)
+
+
+def _extract(
+    manifest: Manifest,
+    out: Path,
+    workers: Workers,
+    model: str | LoadedModel,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    batch_size: int,
+    num_workers: int | None,
+    device: str,
+    precision: str,
+    column_prefix: str,
+    on_error: str,
+    resume: bool,
+    min_coverage: float,
+    seed: int,
+    flush_every: int,
+    flush_seconds: float,
+    progress: bool,
+    profile: str | None,
+    in_channels: int | None,
+    devices: int,
+    num_nodes: int,
+    irregular_series: str,
+    non_finite: str,
+) -> ExtractResult:
+    """The extraction itself, in one process of ``workers`` (see :func:`extract_features`)."""
     if random_init and weights not in (None, PUBLISHED):
         raise MedfmError("give either --weights or --random-init, not both")
     if isinstance(model, LoadedModel):
