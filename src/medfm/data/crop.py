@@ -14,6 +14,7 @@ from medfm.data.datasets import iter_volume_items
 from medfm.data.io import Geometry, write_volume
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import (
+    WARNINGS_COLUMN,
     WRITE_ERRORS,
     atomic_path,
     check_columns_free,
@@ -31,7 +32,7 @@ from medfm.data.profiles import Profile, Profile2D, get_profile
 from medfm.errors import MedfmError
 from medfm.progress import progress_bar
 
-CROP_COLUMNS = ("row", "patch_index", "warnings", "reason")  # what crop writes beside the manifest's columns
+CROP_COLUMNS = ("row", "patch_index", WARNINGS_COLUMN, "reason")  # what crop writes beside the manifest's columns
 
 
 @dataclass

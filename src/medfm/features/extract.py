@@ -30,6 +30,7 @@ import medfm
 from medfm.data.datasets import auto_workers, iter_volume_items, stack_patches
 from medfm.data.manifest import Manifest
 from medfm.data.outputs import (
+    WARNINGS_COLUMN,
     atomic_path,
     check_columns_free,
     check_output,
@@ -242,7 +243,7 @@ def extract_features(
     Finished rows are kept for ``resume`` every ``flush_every`` rows or ``flush_seconds``, whichever comes first,
     so a killed run loses at most that much work; a resumed run recomputes rows whose inputs changed.
     Before any work, ``out`` must be writable, no manifest column may collide with the columns written (the
-    feature columns, ``row``/``reason`` of the errors file), and no other process may be writing ``out``.
+    feature columns, ``warnings``, ``row``/``reason`` of the errors file), and no other process may be writing ``out``.
     """
     options = dict(locals())
     if weights is None and not random_init and not isinstance(model, LoadedModel):
@@ -251,7 +252,7 @@ def extract_features(
             "(the CLI's --random-init), or weights='published' or a weight file"
         )
     out = check_output(out)
-    check_columns_free(manifest.table.columns, ("row", "reason"), column_prefix, manifest.source)
+    check_columns_free(manifest.table.columns, ("row", "reason", WARNINGS_COLUMN), column_prefix, manifest.source)
     workers = start_workers(devices, num_nodes, device)
     with output_lock(out) if workers.rank == 0 else contextlib.nullcontext():
         return _extract(**{**options, "out": out}, workers=workers)
