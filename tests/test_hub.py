@@ -354,3 +354,8 @@ def test_sha256_is_recomputed_when_the_file_changes(tmp_path):
     first = hub.sha256_of(path)
     path.write_bytes(b"two, longer")
     assert hub.sha256_of(path) == hashlib.sha256(b"two, longer").hexdigest() != first
+
+
+def test_a_url_without_a_scheme_is_a_download_error(capsys):
+    assert main(["weights", "download", "fmcib-resnet50", "--url", "not-a-url", "--quiet"]) == 2
+    assert capsys.readouterr().err == "medfm: error: download of not-a-url failed: unknown url type: 'not-a-url'\n"

@@ -304,3 +304,12 @@ def test_one_class_label_raises():
     x = np.random.default_rng(0).normal(size=(20, 5))
     with pytest.raises(ValueError, match="one class"):
         LinearProbe(trials=1).fit(x, np.ones(20, dtype=int), [(np.arange(10), np.arange(10, 20))])
+
+
+def test_a_storage_optuna_cannot_open_is_a_user_error():
+    from medfm.errors import ConfigError
+
+    x, y = _separable(seed=3)
+    probe = LinearProbe(search="optuna", trials=2, storage="bogus://nowhere")
+    with pytest.raises(ConfigError, match=r"^--storage bogus://nowhere: cannot be opened \("):
+        probe.fit(x[:60], y[:60], [(np.arange(40), np.arange(40, 60))])

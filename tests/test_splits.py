@@ -223,3 +223,17 @@ def test_cli_probe_with_too_few_rows_for_cv_is_one_line(tmp_path, capsys):
         "(rows per class: 0: 3, 1: 3); give a smaller --cv (the rarest class has 3 rows) or mark val rows in the "
         "split column"
     ]
+
+
+@pytest.mark.parametrize("test_size", [0.0, 1.0, 1.5, -0.2])
+def test_test_size_outside_zero_one_is_refused(test_size):
+    # 1.5 used to become a 1/2 hold-out without a word
+    table = pd.DataFrame({"x": range(20)})
+    with pytest.raises(ConfigError, match=rf"^--test-size {test_size:g}: the held-out share must lie between 0 and 1"):
+        holdout(table, np.array([0, 1] * 10), None, test_size=test_size)
+
+
+def test_cv_of_one_fold_is_refused():
+    table = pd.DataFrame({"x": range(20)})
+    with pytest.raises(ConfigError, match=r"^--cv 1: a search by folds needs at least 2 folds$"):
+        make_splits(table, np.array([0, 1] * 10), None, cv=1)

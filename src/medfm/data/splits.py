@@ -110,6 +110,8 @@ def holdout(
                     f"e.g. {shared[:3]}: the test would not be held out"
                 )
         return development, test
+    if not 0 < test_size < 1:
+        raise ConfigError(f"--test-size {test_size:g}: the held-out share must lie between 0 and 1 (e.g. 0.2)")
     k = max(2, int(round(1 / test_size)))
     asked = f"a held-out test set of 1/{k} of the rows (--test-size {test_size:g}, no split column)"
     dev_pos, test_pos = _kfold(
@@ -180,6 +182,8 @@ def make_splits(
         how = f"{split_column} column: train→val search, test held out"
         return Splits(development, test, [(train, val)], how, available)
     given_cv = cv is not None
+    if given_cv and cv < 2:
+        raise ConfigError(f"--cv {cv}: a search by folds needs at least 2 folds")
     cv = cv or 5
     development = subsample(development, y, groups, train_fraction, fraction_seed)
     source = (

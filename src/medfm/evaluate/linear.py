@@ -178,13 +178,21 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         # Processes sharing a storage must not all propose the same first trials: each gets its own seed
         # (interleaved trials make such searches non-reproducible anyway).
         seed = self.seed if self.storage is None else self.seed + os.getpid()
-        study = optuna.create_study(
-            direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=seed),
-            storage=self.storage,
-            study_name=self.study_name,
-            load_if_exists=self.storage is not None,
-        )
+        try:
+            study = optuna.create_study(
+                direction="maximize",
+                sampler=optuna.samplers.TPESampler(seed=seed),
+                storage=self.storage,
+                study_name=self.study_name,
+                load_if_exists=self.storage is not None,
+            )
+        except Exception as err:  # optuna and SQLAlchemy raise many kinds for a storage URL they cannot open
+            if self.storage is None:
+                raise
+            raise ConfigError(
+                f"--storage {self.storage}: cannot be opened ({_first_line(err)}); give an Optuna storage such as "
+                "sqlite:///search.db or a journal file path"
+            ) from None
 
         def objective(trial: optuna.Trial) -> float:
             c = trial.suggest_float("C", *self.c_range, log=True)

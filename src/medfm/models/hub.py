@@ -163,7 +163,10 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(spec.url, headers={"User-Agent": "medfm"})
+    try:
+        request = urllib.request.Request(spec.url, headers={"User-Agent": "medfm"})
+    except ValueError as err:  # not a URL at all (no scheme)
+        raise WeightsError(f"download of {spec.url} failed: {err}") from None
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
