@@ -94,6 +94,8 @@ def test_every_layout_is_known():
         "swav",
         "pirl",
         "lightning",
+        "medicalnet",
+        "models-genesis",
     }
 
 

@@ -119,7 +119,12 @@ class VolumePatches(Dataset):
                     item.flags[row] = "; ".join(
                         filter(None, [item.flags.get(row), f"{what}, padded with {self.profile.pad_hu:g}"])
                     )
-            item.patches.append(sample_patch(volume, plan, self.profile))
+            try:
+                patch = sample_patch(volume, plan, self.profile)
+            except MedfmError as err:  # a patch the profile cannot scale (e.g. z-scored with no voxel above 0)
+                item.errors[row] = str(err)
+                continue
+            item.patches.append(patch)
             item.geometries.append(plan.geometry)
             item.rows.append(row)
             if plan.warning:  # a seed outside the volume, padded as FMCIB

@@ -16,6 +16,7 @@ from medfm.errors import ProfileError
 
 SEED_ROUNDING = ("trunc", "round")
 BORDERS = ("clamp-pad", "centred")
+SCALINGS = ("window", "zscore-nonzero")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Profile:
         centre and fills voxels outside the volume with ``pad_hu``.
     hu_window: (low, high) mapped linearly to (0, 1); ``clip`` clips the result to [0, 1].
     pad_hu: value (in HU) of every voxel that lies outside the volume.
+    scaling: ``window`` (``hu_window`` as above) or ``zscore-nonzero``: each patch minus the mean, over the
+        standard deviation (population), of its voxels above 0 (MedicalNet's per-volume normalisation; a patch
+        with no such voxels, or all of one value, is refused). ``hu_window`` and ``clip`` then play no part.
     """
 
     name: str
@@ -44,8 +48,13 @@ class Profile:
     pad_hu: float = -1024.0
     channels: int = 1
     description: str = ""
+    scaling: str = "window"
 
     def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ProfileError(f"profile {self.name}: scaling={self.scaling!r}, allowed {SCALINGS}")
+        if self.scaling != "window" and self.clip:
+            raise ProfileError(f"profile {self.name}: clip applies to the HU window; scaling={self.scaling!r}")
         if self.seed_rounding not in SEED_ROUNDING:
             raise ProfileError(f"profile {self.name}: seed_rounding={self.seed_rounding!r}, allowed {SEED_ROUNDING}")
         if self.border not in BORDERS:
@@ -60,8 +69,19 @@ class Profile:
 
     def scale(self, hu: np.ndarray) -> np.ndarray:
         """Map Hounsfield units to the model's input range, as float32."""
+        hu = np.asarray(hu, dtype=np.float64)
+        if self.scaling == "zscore-nonzero":
+            inside = hu[hu > 0]
+            std = float(inside.std()) if inside.size else 0.0
+            if std == 0.0:
+                raise ProfileError(
+                    f"profile {self.name}: the patch has {inside.size} voxels above 0 HU"
+                    + (" all of one value" if inside.size else "")
+                    + "; its z-score over voxels above 0 (MedicalNet's normalisation) is undefined"
+                )
+            return ((hu - inside.mean()) / std).astype(np.float32)
         low, high = self.hu_window
-        out = (np.asarray(hu, dtype=np.float64) - low) / (high - low)
+        out = (hu - low) / (high - low)
         if self.clip:
             out = np.clip(out, 0.0, 1.0)
         return out.astype(np.float32)
@@ -89,8 +109,11 @@ class Profile:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        """The profile as plain JSON-ready data."""
-        return asdict(self)
+        """The profile as plain JSON-ready data (``scaling`` only when not the HU window, so older records match)."""
+        out = asdict(self)
+        if self.scaling == "window":
+            del out["scaling"]
+        return out
 
 
 FMCIB = Profile(
@@ -196,6 +219,35 @@ def list_profiles() -> list[str]:
 
 register_profile(FMCIB)
 register_profile(FMCIB_CENTRED)
+register_profile(
+    replace(
+        FMCIB,
+        name="medicalnet",
+        scaling="zscore-nonzero",
+        description=(
+            "MedicalNet (Med3D) inputs on FMCIB's grid (1 mm, 50³ at the seed, as the FMCIB paper compared them): "
+            "each patch z-scored by the mean and standard deviation of its voxels above 0, as MedicalNet normalises "
+            "each volume (per patch here; MedicalNet's random noise in exact-zero voxels is not added)."
+        ),
+    )
+)
+register_profile(
+    replace(
+        FMCIB,
+        name="models-genesis",
+        size=(32, 64, 64),
+        seed_rounding="round",
+        border="centred",
+        hu_window=(-1000.0, 1000.0),
+        clip=True,
+        pad_hu=-1000.0,
+        description=(
+            "Models Genesis (Genesis Chest CT) inputs: HU clipped to [-1000, 1000] and scaled to [0, 1], a cube "
+            "of 64x64 in-plane by 32 slices (its 64x64x32 training cubes) centred at the seed, resampled to 1 mm "
+            "(Models Genesis cut its cubes at each scan's own spacing); voxels outside the volume are -1000 HU."
+        ),
+    )
+)
 for _side in (224, 299, 300, 380):
     register_profile(_imagenet(_side))
 register_profile(

@@ -130,6 +130,20 @@ LAYOUTS: dict[str, Layout] = {
             ("heads.*", "model.heads.*", "head.*", "projection_head*", "fc.*"),
         ),
         Layout(
+            "medicalnet",
+            "MedicalNet (Med3D): state_dict with DataParallel's module. prefix; the segmentation head conv_seg dropped",
+            (("state_dict",),),
+            (),
+            ("conv_seg.*",),
+        ),
+        Layout(
+            "models-genesis",
+            "Models Genesis: state_dict with module. prefix; the U-Net decoder (up_tr*) and out_tr dropped",
+            (("state_dict",),),
+            (),
+            ("up_tr*", "out_tr.*"),
+        ),
+        Layout(
             "lightning",
             "Lightning: state_dict with model.trunk./model.backbone./model./backbone. prefixes; model.heads dropped",
             (("state_dict",),),
@@ -222,6 +236,10 @@ def detect_layout(checkpoint: Mapping[str, object]) -> str:
         return "moco"
     if starts("online_network.", "online_encoder.", "online_predictor.", "target_network.", "target_encoder."):
         return "byol"
+    if starts("conv_seg."):
+        return "medicalnet"
+    if starts("down_tr64.", "up_tr64.", "out_tr."):
+        return "models-genesis"
     if starts("prototypes"):
         return "swav"
     if any("_feature_blocks." in k for k in keys) or (starts("trunk.") and starts("heads.")):

@@ -7,6 +7,10 @@ No SHA-256 is published for these files, so none is pinned: the hash of what was
 
 - RadiologyNET (Napravnik et al. 2024): ten 2D trunks pre-trained on 1.9M multi-modality radiology images,
   ``.tar.gz`` archives of ``model_state`` checkpoints; inputs in [0, 1], grey repeated to 3 channels.
+- MedicalNet / Med3D (Chen et al. 2019) and Models Genesis (Zhou et al. 2019), the 3D baselines the FMCIB paper
+  compares against: MedicalNet's 3D ResNets 10/18/34/50 (its "23 datasets" release, ``state_dict`` with
+  ``module.`` keys, the ``conv_seg`` segmentation head dropped) and the Genesis Chest CT U-Net's encoder
+  (``state_dict`` with ``module.`` keys, the decoder dropped), both from their authors' Hugging Face repositories.
 - "How well do self-supervised models transfer to medical imaging?" (Anton et al. 2022): ImageNet ResNet50s
   from PIRL, MoCo v2, SimCLR-v1, BYOL and SwAV (SimCLR-v1 and BYOL are published for TensorFlow / JAX and must
   be converted by the user), and the chest X-ray MoCo models MoCo-CXR and MIMIC-CheXpert.
@@ -14,7 +18,10 @@ No SHA-256 is published for these files, so none is pinned: the hash of what was
 
 from __future__ import annotations
 
+from functools import partial
+
 from medfm.models import hub
+from medfm.models.backbones import MEDICALNET_SHORTCUT, GenesisEncoder, medicalnet_resnet
 from medfm.models.registry import get_entry, register
 
 RADIOLOGYNET_URL = "http://radiologynet.riteh.hr/models/{}.tar.gz"
@@ -134,3 +141,39 @@ for _lr in ("0.01", "0.1", "1.0"):
         hub.WeightsSpec(filename=_file, url=MIMIC_CHEXPERT_URL.format(_file), layout="moco"),
         f"MIMIC-CheXpert DenseNet121: MoCo on MIMIC-CXR + CheXpert, learning rate {_lr} (Sriram et al. 2021)",
     )
+
+
+# The FMCIB paper's 3D baselines. MedicalNet's files: https://huggingface.co/TencentMedicalNet (one repository per
+# depth); Models Genesis' PyTorch file: https://huggingface.co/MrGiovanni/ModelsGenesis.
+MEDICALNET_URL = "https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet{0}/resolve/main/resnet_{0}_23dataset.pth"
+for _depth in (10, 18, 34, 50):
+    register(
+        f"med3d-resnet{_depth}",
+        feature_dim=2048 if _depth == 50 else 512,
+        profile="medicalnet",
+        weights=hub.WeightsSpec(
+            filename=f"medicalnet-resnet_{_depth}_23dataset.pth",
+            url=MEDICALNET_URL.format(_depth),
+            layout="medicalnet",
+        ),
+        description=(
+            f"MedicalNet (Med3D) 3D ResNet{_depth}, shortcut {MEDICALNET_SHORTCUT[_depth]}, stages 3-4 dilated "
+            f"(stride 8 overall), pre-trained on 23 segmentation data sets; pooled last stage, "
+            f"{2048 if _depth == 50 else 512}-d"
+        ),
+    )(partial(medicalnet_resnet, _depth))
+
+register(
+    "models-genesis",
+    feature_dim=512,
+    profile="models-genesis",
+    weights=hub.WeightsSpec(
+        filename="models-genesis-Genesis_Chest_CT.pt",
+        url="https://huggingface.co/MrGiovanni/ModelsGenesis/resolve/main/Genesis_Chest_CT.pt",
+        layout="models-genesis",
+    ),
+    description=(
+        "Models Genesis (Genesis Chest CT, self-supervised restoration on LUNA16): its 3D U-Net's encoder, "
+        "pooled deepest stage, 512-d"
+    ),
+)(GenesisEncoder)
