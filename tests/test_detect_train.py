@@ -111,6 +111,10 @@ def test_short_fit_finds_squares_and_predict_undoes_the_resize(squares_run, one_
     assert 0 < rsna["value"] <= 1 and rsna["low"] <= rsna["value"] <= rsna["high"] and rsna["score_threshold"] == 0.5
     assert results["sizes"]["test"] == {"images": 12, "boxes": 12} and results["classes"] == ["square"]
     assert results["per_class"]["square"]["boxes"] == 12
+    splits = pd.read_csv(run / "splits.csv")  # each manifest row (a box) with its image's split
+    assert splits["image_path"].tolist() == pd.read_csv(manifest)["image_path"].tolist()
+    assert splits["fit_split"].value_counts().to_dict()["test"] == 12
+    assert splits.groupby("image_path")["fit_split"].nunique().eq(1).all()
     curves = pd.read_csv(run / "curves.csv")
     assert len(curves) == 8 and {"val/map", "val/map_50", "val/ap_square", "train/loss"} <= set(curves.columns)
     assert (run / "curves.png").stat().st_size > 0

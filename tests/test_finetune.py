@@ -31,7 +31,7 @@ from medfm.evaluate.survival import _neg_log_partial_likelihood
 from medfm.finetune.data import FinetuneData
 from medfm.finetune.losses import cox_loss
 from medfm.finetune.module import FinetuneModule, mlp_head, task_metrics
-from medfm.finetune.outputs import load_finetuned
+from medfm.finetune.outputs import load_finetuned, predict_manifest
 from medfm.models import registry
 from medfm.models.backbones import resnet3d
 from medfm.pretrain.export import export_trunk
@@ -689,6 +689,49 @@ def test_predict_matches_the_models_own_test_predictions(binary_run, manifest, c
     rows = data.store.rows[[int(item["index"]) for item in items]]
     assert table["split"].iloc[rows].eq("test").all()
     np.testing.assert_allclose(predicted["prob_1"].to_numpy()[rows], torch.sigmoid(logits).numpy(), atol=1e-5)
+
+
+def test_predict_on_a_labelled_manifest_writes_metrics_with_cis(binary_run, manifest, tmp_path, capsys):
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from medfm.errors import ManifestError
+
+    table = pd.read_csv(manifest)
+    table["malignant"] = table["malignant"].astype(object)
+    table.loc[[0, 5], "malignant"] = "NA"  # missing labels are left out and counted
+    labelled = manifest.with_name("labelled.csv")  # beside the images its paths name
+    table.to_csv(labelled, index=False)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(binary_run / "model.json"), str(labelled), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "pred.metrics.json").read_text())
+    assert report["truth"] == "malignant" and report["n"] == 14 and report["n_missing_labels"] == 2
+    predicted = pd.read_csv(out)
+    kept = table["malignant"].ne("NA").to_numpy()
+    truth = table["malignant"][kept].astype(int)
+    auroc = report["metrics"]["auroc"]
+    assert auroc["value"] == pytest.approx(roc_auc_score(truth, predicted["prob_1"][kept]))
+    assert auroc["low"] <= auroc["value"] <= auroc["high"] and auroc["n_resamples"] > 900
+    balanced = balanced_accuracy_score(truth, predicted["predicted"][kept].astype(int))
+    assert report["metrics"]["balanced_accuracy"]["value"] == pytest.approx(balanced)
+    assert f"auroc: {auroc['value']:.3f} (95% CI" in printed and "n=14" in printed
+
+    # --label names another truth column; one the manifest lacks or a class the model does not know is refused
+    table["other"] = table["malignant"].replace({"NA": 1})
+    table.to_csv(labelled, index=False)
+    assert main(["predict", str(binary_run / "model.json"), str(labelled), "--out", str(out), "--label", "other",
+                 "--quiet"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "pred.metrics.json").read_text())["n"] == 16
+    with pytest.raises(ManifestError, match="--label nope: no such column"):
+        predict_manifest(binary_run / "model.json", labelled, out, label="nope")
+    table.loc[3, "other"] = 7
+    table.to_csv(labelled, index=False)
+    with pytest.raises(ManifestError, match=r"row 3: other 7 is not one of the model's classes \['0', '1'\]"):
+        predict_manifest(binary_run / "model.json", labelled, out, label="other")
+    # without a truth column there are no metrics, and an earlier run's file is removed
+    table.drop(columns=["malignant", "other"]).to_csv(labelled, index=False)
+    predict_manifest(binary_run / "model.json", labelled, out)
+    assert not (tmp_path / "pred.metrics.json").exists()
 
 
 def test_predict_batches_across_volumes_with_the_same_results(binary_run, manifest, tmp_path, monkeypatch):

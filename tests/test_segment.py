@@ -263,6 +263,9 @@ def test_3d_unet_segments_held_out_spheres(sphere_run):
     card = json.loads((run / "model.json").read_text())
     assert card["kind"] == "medfm-segmenter" and card["classes"] == ["sphere"]
     assert pd.read_csv(run / "test_cases.csv")["row"].tolist() == [8, 9]
+    splits = pd.read_csv(run / "splits.csv")  # every manifest row with its split and its own columns
+    assert splits["fit_split"].tolist() == ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    assert splits["patient"].tolist() == [f"P{i}" for i in range(10)]
 
 
 def test_predicted_masks_keep_an_oblique_anisotropic_geometry(sphere_run, tmp_path):
@@ -292,6 +295,26 @@ def test_predicted_masks_keep_an_oblique_anisotropic_geometry(sphere_run, tmp_pa
     assert dice > 0.85
     assert table["volume_ml/sphere"][0] == pytest.approx(np.sum(predicted == 1) * 2.0 / 1000)
     assert (out / table["overlay_file"][0]).stat().st_size > 1000
+
+
+def test_overlays_draw_the_manifests_reference_mask_beside_the_prediction(sphere_run, tmp_path, monkeypatch):
+    import medfm.segment.predict as predict_module
+
+    figures = []
+    monkeypatch.setattr(predict_module, "write_figure", lambda fig, dest, dpi=90: figures.append(fig) or Path(dest))
+    folder = next(p for p in sphere_run.parents if (p / "spheres.csv").is_file())
+    test_rows = pd.read_csv(folder / "spheres.csv").iloc[8:]
+    test_rows.to_csv(folder / "test_rows.csv", index=False)  # beside the volumes its paths name
+    out = tmp_path / "pred"
+    assert main(["predict", str(sphere_run / "model.json"), str(folder / "test_rows.csv"), "--out", str(out),
+                 "--overlays", "--quiet"]) == 0  # fmt: skip
+    assert len(figures) == 2
+    for fig in figures:
+        assert [ax.get_title().split(" · ")[0] for ax in fig.axes] == ["prediction"] * 3 + ["reference"] * 3
+        for top, bottom in zip(fig.axes[:3], fig.axes[3:]):  # the same slices: the reference agrees with the model
+            predicted = np.ma.filled(top.images[1].get_array(), 0) > 0
+            reference = np.ma.filled(bottom.images[1].get_array(), 0) > 0
+            assert 2 * np.sum(predicted & reference) / (predicted.sum() + reference.sum()) > 0.8
 
 
 def test_2d_unet_on_discs_and_predict_back_to_image_size(tmp_path, monkeypatch):

@@ -257,7 +257,7 @@ def _predict(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as err:
         raise MedfmError(f"{args.probe}: not a readable model card or probe ({err})") from None
     if kind == "medfm-finetuned":
-        from medfm.finetune.outputs import predict_manifest
+        from medfm.finetune.outputs import metrics_path_of, predict_manifest
 
         path = predict_manifest(
             args.probe,
@@ -267,8 +267,15 @@ def _predict(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             device=args.device,
             progress=not args.quiet,
+            label=args.label,
         )
         print(f"wrote {path}")
+        scored = metrics_path_of(path)
+        if scored.exists():
+            report = json.loads(scored.read_text())
+            for name, m in report["metrics"].items():
+                print(f"{name}: {_interval(m)}, n={report['n']} (truth: {report['truth']})")
+            print(f"metrics in {scored}")
         return
     from medfm.evaluate.probe import predict
 
@@ -586,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad manifest rows (fine-tuned)")
     p.add_argument("--batch-size", type=int, default=32, help="images or patches per forward pass (fine-tuned)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 (fine-tuned)")
+    p.add_argument(
+        "--label",
+        help="the truth column of a labelled manifest (default: the model card's label column when the manifest "
+        "has it); metrics with 95%% bootstrap CIs go to <out stem>.metrics.json (fine-tuned)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 

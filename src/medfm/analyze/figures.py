@@ -40,12 +40,13 @@ def save_overlays(
     title: str = "",
     centre: tuple[int, ...] | None = None,
 ) -> Path:
-    """The input and each map over it (jet, half transparent): one row per map; 3D inputs as three slices."""
+    """The input and each map over it (jet, half transparent): one row per map, each with a colour bar of the map's
+    values (one scale for its slices); 3D inputs as three slices."""
     plt = pyplot()
     grey = display_image(image)
     rows = [("input", None), *maps.items()]
     first = _views(grey, centre)
-    fig, axes = plt.subplots(len(rows), len(first), figsize=(2.6 * len(first), 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(first), figsize=(2.6 * len(first) + 0.8, 2.6 * len(rows)), squeeze=False)
     for r, (name, value) in enumerate(rows):
         shown = _views(np.asarray(value, dtype=np.float64), centre) if value is not None else None
         for c, (plane, base) in enumerate(first):
@@ -53,9 +54,16 @@ def save_overlays(
             ax.imshow(base, cmap="gray", interpolation="nearest")
             if shown is not None:
                 top = shown[c][1]
-                ax.imshow(top, cmap="jet", alpha=0.45, interpolation="bilinear", vmin=np.min(value), vmax=np.max(value))
+                drawn = ax.imshow(
+                    top, cmap="jet", alpha=0.45, interpolation="bilinear", vmin=np.min(value), vmax=np.max(value)
+                )
             ax.set_title(f"{name} {plane}".strip(), fontsize=8)
             ax.axis("off")
+        if shown is not None:
+            bar = fig.colorbar(drawn, ax=list(axes[r]), fraction=0.046, pad=0.02)
+            bar.solids.set_alpha(1.0)  # the scale drawn opaque, not at the overlay's transparency
+            bar.set_label(name, fontsize=8)
+            bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from medfm.data.outputs import atomic_path, write_errors, write_json, write_table, write_weights
+from medfm.data.outputs import pyplot, write_errors, write_figure, write_json, write_table, write_weights
 from medfm.data.profiles import Profile2D
 from medfm.detect.boxes import read_boxes
 from medfm.detect.data import DetectData, load_image
@@ -31,6 +31,7 @@ from medfm.models import hub
 from medfm.models.checkpoints import read_checkpoint
 from medfm.progress import progress_bar
 from medfm.train.curves import write_curves
+from medfm.train.outputs import write_splits
 
 CARD_KIND = "medfm-detector"
 
@@ -66,7 +67,9 @@ def write_run_outputs(module: DetectModule, data: DetectData, folder: str | os.P
         "per_class": module.test_per_class,
     }
     write_json(results, folder / "results.json")
-    write_curves(module.history, folder)
+    rows = [(row, split) for item, split in zip(data.items, data.splits) for row in item.rows]  # an image's rows
+    write_splits(folder, [r for r, _ in rows], [s for _, s in rows], data.boxes.table)
+    write_curves(module.history, folder, f"detection {hp.arch} on {hp.trunk} ({hp.init}) · {', '.join(hp.classes)}")
     weights = write_weights(module, folder / "model.safetensors")
     card = {
         "kind": CARD_KIND,
@@ -118,28 +121,85 @@ def load_detector(path: str | os.PathLike[str]) -> tuple[DetectModule, Profile2D
     return module.eval(), profile
 
 
-def _draw(path: str, out: Path, predicted: pd.DataFrame, truth: np.ndarray, truth_labels: list[str]) -> None:
-    """An overlay PNG: true boxes green, predicted boxes red with label and score."""
-    from PIL import Image, ImageDraw
+LABEL_POINTS = 7.0  # font size of the overlay labels
+OVERLAY_INCHES, OVERLAY_DPI = 6.0, 100  # the image's long side as drawn
+
+
+def _label_size(text: str, scale: float) -> tuple[float, float]:
+    """A label's width and height in image pixels (``scale``: display pixels per image pixel), a little generous:
+    digits are ~0.64 em wide in DejaVu Sans, plus the label's padding."""
+    em = LABEL_POINTS * OVERLAY_DPI / 72
+    return (em * (0.66 * len(text) + 0.8)) / scale, (em * 1.6) / scale
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Area shared by two (x0, y0, x1, y1) rectangles."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_labels(
+    boxes: list[tuple[float, float, float, float]], sizes: list[tuple[float, float]], width: float, height: float
+) -> list[tuple[float, float]]:
+    """Top-left corners of box labels (image pixels, y down) that do not cover each other and stay inside the image.
+
+    Each label tries, in order: above its box, below it, the same at the box's right edge, inside its top, then
+    staggered further above and below one label height at a time; every place is clipped into the image, and the
+    first that covers no label already placed is taken (or, when none is free, the one covering least).
+    """
+    placed: list[tuple[float, float, float, float]] = []
+    corners: list[tuple[float, float]] = []
+    for (x0, y0, x1, y1), (lw, lh) in zip(boxes, sizes):
+        tries = [(x0, y0 - lh), (x0, y1), (x1 - lw, y0 - lh), (x1 - lw, y1), (x0, y0)]
+        for k in range(1, 2 * int(height / max(lh, 1e-6)) + 2):
+            tries += [(x0, y0 - lh * (k + 1)), (x0, y1 + lh * k), (x1 - lw, y0 - lh * (k + 1)), (x1 - lw, y1 + lh * k)]
+        best, best_cover = None, np.inf
+        for x, y in tries:
+            x, y = min(max(x, 0.0), max(width - lw, 0.0)), min(max(y, 0.0), max(height - lh, 0.0))
+            rect = (x, y, x + lw, y + lh)
+            cover = sum(_overlap(rect, other) for other in placed)
+            if cover < best_cover:
+                best, best_cover = rect, cover
+            if cover == 0:
+                break
+        placed.append(best)
+        corners.append(best[:2])
+    return corners
+
+
+def _draw(path: str, out: Path, predicted: pd.DataFrame, truth: np.ndarray, truth_labels: list[str]) -> Path:
+    """An overlay figure: true boxes green with their class, predicted boxes red with class and score; labels placed
+    so that they do not cover each other (:func:`place_labels`) and stay inside the image."""
+    from matplotlib.patches import Rectangle
 
     from medfm.data.images2d import read_image2d
 
     array = read_image2d(path).array
-    grey = array if array.ndim == 2 else array.mean(axis=2)
-    image = Image.fromarray((np.clip(grey, 0, 1) * 255).astype(np.uint8)).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    width = max(1, round(max(image.size) / 256))
-    for box, label in zip(truth, truth_labels):
-        draw.rectangle([float(v) for v in box], outline=(0, 220, 0), width=width)
-        draw.text((float(box[0]) + 2, float(box[3]) + 1), label, fill=(0, 220, 0))
-    for _, row in predicted.iterrows():
-        if pd.isna(row["x_min"]):
-            continue
-        box = [float(row[c]) for c in ("x_min", "y_min", "x_max", "y_max")]
-        draw.rectangle(box, outline=(230, 30, 30), width=width)
-        draw.text((box[0] + 2, box[1] + 1), f"{row['label']} {row['score']:.2f}", fill=(230, 30, 30))
-    with atomic_path(out) as tmp:
-        image.save(tmp, format="PNG")
+    grey = np.clip(array if array.ndim == 2 else array.mean(axis=2), 0, 1)
+    height, width = grey.shape
+    scale = OVERLAY_INCHES * OVERLAY_DPI / max(height, width)
+    drawn = [(tuple(float(v) for v in box), label, "#00dc00") for box, label in zip(truth, truth_labels)]
+    kept = predicted.dropna(subset=["x_min"]).sort_values("score", ascending=False)
+    drawn += [
+        (tuple(float(r[c]) for c in ("x_min", "y_min", "x_max", "y_max")), f"{r['label']} {r['score']:.2f}", "#e61e1e")
+        for _, r in kept.iterrows()
+    ]
+    corners = place_labels([d[0] for d in drawn], [_label_size(d[1], scale) for d in drawn], width, height)
+    plt = pyplot()
+    image_h = height * scale / OVERLAY_DPI
+    fig = plt.figure(figsize=(width * scale / OVERLAY_DPI, image_h + 0.35), dpi=OVERLAY_DPI)
+    ax = fig.add_axes((0, 0, 1, image_h / (image_h + 0.35)))
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.axis("off")
+    line = max(1.0, scale / 4)
+    pad = 0.15 * LABEL_POINTS * OVERLAY_DPI / 72 / scale  # the label's background reaches this far out of its text
+    for (box, label, colour), (x, y) in zip(drawn, corners):
+        ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, ec=colour, lw=line))
+        ax.text(x + pad, y + pad, label, color=colour, fontsize=LABEL_POINTS, ha="left", va="top", clip_on=True,
+                bbox={"boxstyle": "square,pad=0.15", "fc": "black", "alpha": 0.55, "lw": 0})  # fmt: skip
+    fig.suptitle(f"{Path(path).name}: reference boxes green, predicted red (score)", fontsize=8)
+    return write_figure(fig, out, dpi=OVERLAY_DPI)
 
 
 @torch.no_grad()

@@ -77,6 +77,29 @@ def task_metrics(task: str, output: np.ndarray, target: np.ndarray, idx: np.ndar
     return {"c_index": concordance_index(target[:, 0], target[:, 1], output[:, 0])}
 
 
+def metric_intervals(
+    task: str, output: np.ndarray, target: np.ndarray, groups: np.ndarray | None = None, n_bootstrap: int = 1000
+) -> dict[str, dict]:
+    """Each of :func:`task_metrics` with its percentile bootstrap CI (whole patients resampled with ``groups``);
+    resamples where a metric is undefined (one class only) are left out and counted."""
+    point = task_metrics(task, output, target)
+    samples: dict[str, list[float]] = {name: [] for name in point}
+
+    def resample(idx: np.ndarray) -> float:
+        for name, value in task_metrics(task, output, target, idx).items():
+            if name in samples and np.isfinite(value):
+                samples[name].append(value)
+        return 0.0
+
+    with warnings.catch_warnings():  # resamples with one class: sklearn warns, those values are left out
+        warnings.simplefilter("ignore")
+        bootstrap_values(resample, len(target), groups, n_bootstrap, seed=0)
+    return {
+        name: percentile_interval(value, np.asarray(samples[name]), n_requested=n_bootstrap).to_dict()
+        for name, value in point.items()
+    }
+
+
 class FinetuneModule(EvaluatedTask):
     """Fine-tune a trunk with an MLP head on a labelled task.
 
@@ -215,24 +238,8 @@ class FinetuneModule(EvaluatedTask):
         """Test metrics with percentile bootstrap CIs (whole patients resampled when the data has groups);
         classification also keeps precision, recall, F1 and support per class in ``test_report``."""
         output, target, task = rows["output"], rows["target"], self.hparams.task
-        point = task_metrics(task, output, target)
         groups = self.row_groups(rows.index)
-        samples: dict[str, list[float]] = {name: [] for name in point}
-
-        def resample(idx: np.ndarray) -> float:
-            for name, value in task_metrics(task, output, target, idx).items():
-                if name in samples and np.isfinite(value):
-                    samples[name].append(value)
-            return 0.0
-
-        with warnings.catch_warnings():  # resamples with one class: sklearn warns, those values are left out
-            warnings.simplefilter("ignore")
-            bootstrap_values(resample, len(target), groups, self.hparams.n_bootstrap, seed=0)
-        asked = self.hparams.n_bootstrap  # resamples lacking a class are dropped; above 5% the CI says so
-        results = {
-            name: percentile_interval(value, np.asarray(samples[name]), n_requested=asked).to_dict()
-            for name, value in point.items()
-        }
+        results = metric_intervals(task, output, target, groups, self.hparams.n_bootstrap)
         results["n"] = {"value": float(len(target)), "patients": None if groups is None else len(set(groups))}
         if task in ("binary", "multiclass"):
             y = target.reshape(len(target), -1)[:, 0].astype(int)

@@ -15,17 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file
 
 from medfm.data.augment import build_view
 from medfm.data.datasets import iter_volume_items
+from medfm.data.labels import clean_labels
 from medfm.data.manifest import read_manifest
-from medfm.data.outputs import write_errors, write_json, write_table, write_weights
+from medfm.data.outputs import stem_of, write_errors, write_json, write_table, write_weights
 from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
-from medfm.errors import ModelError
+from medfm.errors import ManifestError, ModelError
 from medfm.finetune.data import FinetuneData
-from medfm.finetune.module import FinetuneModule, mlp_head
+from medfm.finetune.module import FinetuneModule, metric_intervals, mlp_head
 from medfm.models import hub
 from medfm.models.registry import build_trunk, trunk_args
 from medfm.progress import progress_bar
@@ -79,7 +81,9 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
         "per_class": _named_report(module.test_report, data.classes),
     }
     write_json(results, folder / "results.json")
-    write_curves(module.history, folder)
+    truth = hp.task if hp.task == "survival" else data.hparams.label_column
+    source = Path(data.hparams.manifest).name if data.hparams.manifest else "store"
+    write_curves(module.history, folder, f"fine-tune {hp.trunk} ({hp.init}) · {hp.task}: {truth} · {source}")
     write_splits(folder, store.rows, store.splits, data.manifest_table)
     if module.test_rows is not None:
         write_test_predictions(
@@ -104,6 +108,10 @@ def write_run_outputs(module: FinetuneModule, data: FinetuneData, folder: str | 
         "sha256": hub.sha256_of(weights),
         "metrics": module.test_results,
         "best": module.best,
+        "label_column": data.hparams.label_column,
+        "time_column": data.hparams.time_column,
+        "event_column": data.hparams.event_column,
+        "label_missing": data.hparams.label_missing,
     }
     return write_json(card, folder / "model.json")
 
@@ -143,12 +151,16 @@ def predict_manifest(
     batch_size: int = 32,
     device: str = "auto",
     progress: bool = False,
+    label: str | None = None,
+    n_bootstrap: int = 1000,
 ) -> Path:
     """Run a fine-tuned model on a manifest with its own preprocessing; the manifest's columns plus predictions.
 
     Patches of consecutive images and volumes go through the network ``batch_size`` at a time (as ``medfm extract``
     batches them); ``device="auto"`` takes a GPU when there is one. Classification adds ``prob_<class>`` columns and
-    ``predicted``; regression ``prediction``; survival ``risk``.
+    ``predicted``; regression ``prediction``; survival ``risk``. When the manifest has the truth (``label``, else
+    the card's label column, or its time and event columns) the metrics with bootstrap CIs and n go to
+    ``<out stem>.metrics.json`` (:func:`score_predictions`).
     """
     if batch_size < 1:
         raise ModelError(f"batch_size must be at least 1, got {batch_size}")
@@ -203,4 +215,62 @@ def predict_manifest(
     order = np.argsort(rows, kind="stable")
     path = write_table(table.iloc[order], out)
     write_errors(manifest.table, errors, out)
+    scored = score_predictions(card, table.iloc[order], values[order], label, n_bootstrap)
+    metrics_path = metrics_path_of(out)
+    if scored is not None:
+        write_json({**scored, "predictions": path.name, "model": str(card_path)}, metrics_path)
+    elif metrics_path.exists():  # an earlier run's metrics would describe other predictions
+        metrics_path.unlink()
     return path
+
+
+def metrics_path_of(out: str | os.PathLike[str]) -> Path:
+    """Where ``predict_manifest`` puts the metrics of predictions written to ``out``: ``<out stem>.metrics.json``."""
+    stem = stem_of(out)
+    return stem.with_name(stem.name + ".metrics.json")
+
+
+def score_predictions(
+    card: dict, table: pd.DataFrame, values: np.ndarray, label: str | None = None, n_bootstrap: int = 1000
+) -> dict | None:
+    """The metrics of a card's predictions ``values`` against the truth in ``table`` (rows with a missing label left
+    out and counted), each with its bootstrap CI and n; None when the table has no truth column and none was named.
+    """
+    task = card["task"]
+    if task == "survival":
+        columns = [card.get("time_column"), card.get("event_column")]
+        if label is not None:
+            raise ManifestError("--label names a class or value column; a survival model reads its time and event")
+        if not all(c in table.columns for c in columns if c) or None in columns:
+            return None
+        time = pd.to_numeric(table[columns[0]], errors="coerce").to_numpy(dtype=float)
+        event = pd.to_numeric(table[columns[1]], errors="coerce").to_numpy(dtype=float)
+        kept = np.isfinite(time) & np.isfinite(event)
+        target, column = np.stack([time, event], axis=1)[kept], f"{columns[0]}, {columns[1]}"
+    else:
+        column = label or card.get("label_column")
+        if column is None or column not in table.columns:
+            if label is not None:
+                raise ManifestError(f"--label {label}: no such column in the manifest ({', '.join(table.columns)})")
+            return None
+        present, missing = clean_labels(table[column], card.get("label_missing"))
+        kept = ~missing
+        if task == "regression":
+            target = pd.to_numeric(present, errors="coerce").to_numpy(dtype=float)[:, None]
+            if not np.isfinite(target).all():
+                bad = int(np.flatnonzero(~np.isfinite(target[:, 0]))[0])
+                raise ManifestError(f"row {present.index[bad]}: {column} {present.iloc[bad]!r} is not a number")
+        else:
+            classes = card["classes"]
+            lookup = {c: i for i, c in enumerate(classes)}
+            unknown = [(r, v) for r, v in present.items() if str(v) not in lookup]
+            if unknown:
+                r, v = unknown[0]
+                raise ManifestError(f"row {r}: {column} {v!r} is not one of the model's classes {classes}")
+            target = np.array([lookup[str(v)] for v in present], dtype=float)[:, None]
+    n_missing = int(np.sum(~kept))
+    if len(target) == 0:
+        return None
+    metrics = metric_intervals(task, values[kept], target, None, n_bootstrap)
+    return {"task": task, "truth": column, "n": int(len(target)), "n_missing_labels": n_missing,
+            "n_bootstrap": n_bootstrap, "metrics": metrics}  # fmt: skip

@@ -39,7 +39,9 @@ class PretrainCLI(MedfmCLI):
         if not trainer.is_global_zero:
             return
         metrics = folder / "metrics.csv"
-        written = write_curves(epoch_history(metrics), folder) if metrics.is_file() else None
+        hp = self.model.hparams
+        title = f"pre-training {hp.method} · {hp.trunk} ({hp.init_weights or 'random'})"
+        written = write_curves(epoch_history(metrics), folder, title) if metrics.is_file() else None
         last = folder / "checkpoints" / "last.ckpt"
         lines = [f"checkpoints in {folder / 'checkpoints'}"]
         if written:

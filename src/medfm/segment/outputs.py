@@ -25,6 +25,7 @@ from medfm.segment.data import SegmentData
 from medfm.segment.model import SegmentationUNet, build_unet
 from medfm.segment.module import SegmentModule
 from medfm.train.curves import write_curves
+from medfm.train.outputs import write_splits
 
 CARD_KIND = "medfm-segmenter"
 
@@ -52,6 +53,7 @@ def write_run_outputs(module: SegmentModule, data: SegmentData, folder: str | os
         "test": module.test_results,
     }
     write_json(results, folder / "results.json")
+    write_splits(folder, [c.row for c in data.cases.cases], data.splits, data.cases.table)
     cases = getattr(module, "test_cases", None)
     if cases and cases["index"]:
         rows = {"row": [data.cases.cases[i].row for i in cases["index"]]}
@@ -66,7 +68,8 @@ def write_run_outputs(module: SegmentModule, data: SegmentData, folder: str | os
         bad.insert(0, "row", sorted(data.errors))
         bad["reason"] = [data.errors[r] for r in sorted(data.errors)]
         write_table(bad, folder / "errors.csv")
-    write_curves(module.history, folder)
+    title = f"segmentation {hp.encoder} U-Net ({hp.init}) · {', '.join(module.class_names)}"
+    write_curves(module.history, folder, title)
     weights = write_weights(module.net, folder / "model.safetensors")
     card = {
         "kind": CARD_KIND,

@@ -5,7 +5,8 @@ profile's resize), the sliding window of the card, and back: 3D masks are resamp
 source image's own voxel grid and written as NIfTI with its origin, spacing and direction (lossless when the
 model ran at the native spacing); 2D class probabilities are mapped back through the resize before the argmax and
 written as PNG at the image's size. Mask values are class indices (0 background, 1… in the card's class order).
-``--overlays`` adds PNGs: three orthogonal slices through the predicted mask's centroid (3D) or the image (2D).
+``--overlays`` adds PNGs: three orthogonal slices through the predicted mask's centroid (3D) or the image (2D);
+when the manifest has a ``mask_path`` column, a second row shows that reference mask on the same slices.
 When the image is a DICOM series folder, a DICOM-SEG (:mod:`medfm.segment.dicomseg`) is written beside the NIfTI
 (``dicom_seg``: ``auto``; ``always`` makes any other input a row error; ``never``); its file is the ``seg_path``
 column of ``predictions.csv`` (empty where none was written). Under ``auto`` a series whose DICOM-SEG cannot be made
@@ -28,12 +29,21 @@ import torch
 from medfm.data.images2d import preprocess2d, read_image2d
 from medfm.data.io import Geometry, read_image, write_volume
 from medfm.data.manifest import read_table, validate_manifest
-from medfm.data.outputs import FinishedRows, atomic_path, write_errors, write_table
+from medfm.data.outputs import FinishedRows, atomic_path, pyplot, write_errors, write_figure, write_table
 from medfm.data.profiles import Profile2D, profile_from_dict
-from medfm.errors import ConfigError, MedfmError, RowError
+from medfm.errors import ConfigError, MedfmError, RowError, VolumeError
 from medfm.progress import progress_bar
-from medfm.segment.cases import hu_scaler, layout2d, prepare_volume, restore_probabilities2d
+from medfm.segment.cases import (
+    align_mask,
+    hu_scaler,
+    layout2d,
+    mask_paths,
+    prepare_volume,
+    read_mask2d,
+    restore_probabilities2d,
+)
 from medfm.segment.dicomseg import write_dicom_seg
+from medfm.segment.labels import ClassMap
 from medfm.segment.model import infer_logits
 from medfm.segment.outputs import load_segmenter
 
@@ -63,32 +73,51 @@ def write_mask_volume(array: np.ndarray, geometry: Geometry, dest: Path) -> Path
     return dest
 
 
-def _overlay(slices: list[tuple[np.ndarray, np.ndarray, str]], names: list[str], dest: Path) -> Path:
-    """Grey images with their class masks in colour, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _overlay(
+    slices: list[tuple[np.ndarray, np.ndarray, str]],
+    names: list[str],
+    dest: Path,
+    reference: list[np.ndarray] | None = None,
+) -> Path:
+    """Grey images with their predicted class masks in colour, side by side; with ``reference`` (the manifest's
+    ``mask_path``, one mask per slice) a second row shows the reference mask on the same slices, in the same colours,
+    with the prediction's outline over it."""
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    cmap = ListedColormap(["none", *[COLOURS[i % len(COLOURS)] for i in range(len(names))]])
-    fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.4), squeeze=False)
-    for ax, (image, mask, title) in zip(axes[0], slices):
-        ax.imshow(image, cmap="gray")
-        ax.imshow(np.ma.masked_equal(mask, 0), cmap=cmap, vmin=0, vmax=len(names), alpha=0.45, interpolation="nearest")
-        ax.set_title(title)
-        ax.axis("off")
-    fig.suptitle(", ".join(f"{i + 1} {n}" for i, n in enumerate(names)), fontsize=9)
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return dest
+    colours = [COLOURS[i % len(COLOURS)] for i in range(len(names))]
+    cmap = ListedColormap(["none", *colours])
+    rows = [("prediction", [mask for _, mask, _ in slices])]
+    if reference is not None:
+        rows.append(("reference", list(reference)))
+    fig, axes = plt.subplots(len(rows), len(slices), figsize=(4 * len(slices), 4.2 * len(rows) + 0.4), squeeze=False)
+    for r, (kind, masks) in enumerate(rows):
+        for c, ((image, predicted, title), mask) in enumerate(zip(slices, masks)):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray")
+            ax.imshow(
+                np.ma.masked_equal(mask, 0), cmap=cmap, vmin=0, vmax=len(names), alpha=0.45, interpolation="nearest"
+            )
+            if kind == "reference" and np.any(predicted):  # where the prediction lies, over the reference
+                ax.contour(predicted > 0, levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_title(f"{kind} · {title}" if reference is not None else title, fontsize=9)
+            ax.axis("off")
+    handles = [Patch(color=colour, label=f"{i + 1} {name}") for i, (colour, name) in enumerate(zip(colours, names))]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    what = "prediction (top), reference mask (bottom, prediction outlined in white)" if reference is not None else ""
+    fig.suptitle(f"{dest.name.removesuffix('_overlay.png')}  {what}".strip(), fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return write_figure(fig, dest, dpi=90)
 
 
-def orthogonal_slices(image: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, ...]) -> list[tuple]:
-    """Axial, coronal and sagittal slices of an LPS-ordered (Z, Y, X) volume through the mask's centroid."""
-    centre = np.argwhere(mask > 0).mean(axis=0) if np.any(mask) else np.array(mask.shape) / 2
+def orthogonal_slices(
+    image: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, ...], centre_of: np.ndarray | None = None
+) -> list[tuple]:
+    """Axial, coronal and sagittal slices of an LPS-ordered (Z, Y, X) volume through the centroid of ``centre_of``
+    (default: of ``mask``), so a reference mask is cut on the same slices as the prediction."""
+    centre_of = mask if centre_of is None else centre_of
+    centre = np.argwhere(centre_of > 0).mean(axis=0) if np.any(centre_of) else np.array(mask.shape) / 2
     z, y, x = (int(round(c)) for c in centre)
     sz, sy, sx = spacing_zyx
     # rows upward in z for coronal/sagittal views (superior at the top); aspect by spacing
@@ -141,6 +170,10 @@ def predict_manifest(
                 what = "the model is 2D" if is_2d else "the image is not a DICOM series folder"
                 errors[row] = f"--dicom-seg always: {what}; DICOM-SEG is written for DICOM series segmented in 3D"
     seg_info = _seg_identity(card, card_path)
+    # overlays draw the reference mask beside the prediction when the manifest has one
+    has_refs = overlays and "mask_path" in checked.table.columns
+    references = mask_paths(checked.table, source) if has_refs else [None] * len(checked.table)
+    class_map = _class_map(card)
     if errors and on_error == "raise":
         row = min(errors)
         raise RowError(row, checked.paths[row], errors[row])
@@ -162,8 +195,10 @@ def predict_manifest(
                 continue
             try:
                 stem = f"{row:04d}_{_stem(path)}"
+                ref = dict(reference=references[row], class_map=class_map)
                 if is_2d:
-                    record = _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device)
+                    record = _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device,
+                                        **ref)  # fmt: skip
                 else:
                     record, mask, geometry = _predict3d(
                         net,
@@ -179,6 +214,7 @@ def predict_manifest(
                         stem,
                         overlays,
                         device,
+                        **ref,
                     )
             except MedfmError as err:
                 if on_error == "raise":
@@ -212,6 +248,13 @@ def predict_manifest(
     write_errors(checked.table, errors, dest)
     finished.close()
     return dest
+
+
+def _class_map(card: dict) -> ClassMap:
+    """The card's raw mask value → class table; values it does not name are shown as background."""
+    saved = card.get("class_map") or {}
+    values = {int(k): int(v) for k, v in saved.get("values", {}).items()}
+    return ClassMap(tuple(card["classes"]), values or {i + 1: i + 1 for i in range(len(card["classes"]))})
 
 
 def _reusable(kept: dict | None, out: Path, overlays: bool, wants_seg: bool, dicom_seg: str) -> dict | None:
@@ -249,7 +292,8 @@ def _logits(net: torch.nn.Module, x: np.ndarray, roi, overlap: float, sw_batch: 
     return infer_logits(net, image, roi, overlap, sw_batch)[0].float().cpu()
 
 
-def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, out, stem, overlays, device) -> tuple:  # noqa: ANN001
+def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, out, stem, overlays, device,  # noqa: ANN001
+               reference: str | None = None, class_map: ClassMap | None = None) -> tuple:  # fmt: skip
     image = read_image(path, uid)
     x, grid = prepare_volume(image, scale, spacing)
     pred = _logits(net, x, roi, overlap, sw_batch, device).argmax(dim=0).numpy().astype(np.uint8)
@@ -264,12 +308,28 @@ def _predict3d(net, path, uid, scale, spacing, roi, overlap, sw_batch, names, ou
     for k, name in enumerate(names):
         record[f"volume_ml/{name}"] = float(np.sum(mask == k + 1)) * voxel_ml
     if overlays:
-        slices = orthogonal_slices(x[0], pred, tuple(grid.GetSpacing()[::-1]))
-        record["overlay_file"] = _overlay(slices, names, out / f"{stem}_overlay.png").name
+        spacing_zyx = tuple(grid.GetSpacing()[::-1])
+        slices = orthogonal_slices(x[0], pred, spacing_zyx)
+        shown = None
+        if reference is not None:
+            truth = _reference3d(image, grid, reference, class_map)
+            shown = [m for _, m, _ in orthogonal_slices(x[0], truth, spacing_zyx, centre_of=pred)]
+        record["overlay_file"] = _overlay(slices, names, out / f"{stem}_overlay.png", shown).name
     return record, mask, geometry
 
 
-def _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device) -> dict:  # noqa: ANN001
+def _reference3d(image: sitk.Image, grid: sitk.Image, path: str, class_map: ClassMap) -> np.ndarray:
+    """The manifest's reference mask as class indices on the model's grid (nearest neighbour), as training reads it."""
+    try:
+        on_image, _ = align_mask(image, read_image(path))
+    except ValueError as err:
+        raise VolumeError(f"reference mask {path} does not lie on the image's grid: {err}") from None
+    on_grid = sitk.Resample(on_image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return class_map.encode(sitk.GetArrayFromImage(on_grid), where=f"reference mask {path}")
+
+
+def _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, overlays, device,  # noqa: ANN001
+               reference: str | None = None, class_map: ClassMap | None = None) -> dict:  # fmt: skip
     from PIL import Image
 
     image = read_image2d(path)
@@ -285,5 +345,14 @@ def _predict2d(net, path, profile, roi, overlap, sw_batch, names, out, stem, ove
         record[f"area_px/{name}"] = int(np.sum(mask == k + 1))
     if overlays:
         grey = image.array if image.array.ndim == 2 else image.array.mean(axis=2)
-        record["overlay_file"] = _overlay([(grey, mask, Path(path).name)], names, out / f"{stem}_overlay.png").name
+        shown = None
+        if reference is not None:
+            truth = read_mask2d(reference)
+            if truth.shape[:2] != (h, w):
+                raise VolumeError(
+                    f"reference mask {reference} is {truth.shape[0]}×{truth.shape[1]} pixels, the image {h}×{w}"
+                )
+            shown = [class_map.encode(truth, where=f"reference mask {reference}")]
+        dest = out / f"{stem}_overlay.png"
+        record["overlay_file"] = _overlay([(grey, mask, Path(path).name)], names, dest, shown).name
     return record

@@ -6,18 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from medfm.data.outputs import atomic_path, write_table
+from medfm.data.outputs import pyplot, write_figure, write_table
 
 
-def write_curves(history: list[dict[str, float]], folder: Path) -> tuple[Path, Path] | None:
-    """``curves.csv`` and ``curves.png``: validation metrics (and losses) per epoch."""
+def write_curves(history: list[dict[str, float]], folder: Path, title: str = "") -> tuple[Path, Path] | None:
+    """``curves.csv`` and ``curves.png``: validation metrics (and losses) per epoch, under ``title`` (the model and
+    task: a figure that says what it shows)."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     table = pd.DataFrame(history)
     csv = write_table(table, folder / "curves.csv")
     metrics = [c for c in table.columns if c.startswith("val/") and c != "val/loss"]
@@ -27,14 +24,13 @@ def write_curves(history: list[dict[str, float]], folder: Path) -> tuple[Path, P
         axes[0].plot(table["epoch"], table[column], marker="o", label=column)
     for column in losses:
         axes[1].plot(table["epoch"], table[column], marker="o", label=column)
-    for ax, title in zip(axes, ("validation metrics", "losses")):
+    for ax, name in zip(axes, ("validation metrics", "losses")):
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    png = folder / "curves.png"
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return csv, png
+    return csv, write_figure(fig, folder / "curves.png", dpi=100)
