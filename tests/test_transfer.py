@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -385,7 +388,37 @@ def test_cli_inflates_a_2d_resnet10_into_resnet10_3d(tmp_path, capsys):
         1 - 128 / sum(v.numel() for k, v in init.items() if k.startswith("layer2."))
     )
     assert len(report["source_sha256"]) == 64
+    assert report["weights_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert sorted(p.name for p in out.parent.iterdir()) == ["resnet10-3d.json", "resnet10-3d.safetensors"]
+
+
+def test_cli_transfer_checks_out_before_the_work_and_writes_weights_and_report_as_a_pair(
+    tmp_path, capsys, monkeypatch
+):
+    path = tmp_path / "w2d.pt"
+    torch.save(snapshot(seeded(ResNet, 16, block=BasicBlock, layers=[1, 1, 1, 1])), path)
+    (tmp_path / "taken.safetensors").mkdir()
+    command = ["transfer", str(path), "--into", "resnet10-3d", "--inflate", "--out"]
+    assert main([*command, str(tmp_path / "taken.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"medfm: error: --out {tmp_path / 'taken.safetensors'} is a folder; name a file to write"
+    )
+    import medfm.data.outputs as outputs
+
+    real = outputs.file_sha256
+
+    out = tmp_path / "out" / "w.safetensors"
+
+    def full_after_hashing(file):  # the disk fills after the weights were written, before the report
+        digest = real(file)
+        if Path(file).parent == out.parent:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return digest
+
+    monkeypatch.setattr(outputs, "file_sha256", full_after_hashing)
+    assert main([*command, str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"medfm: error: cannot write {out}: the disk is full"
+    assert list(out.parent.iterdir()) == []  # neither the weights nor the report: nothing half-written
 
 
 def test_cli_plain_3d_transfer_from_a_lightning_checkpoint(tmp_path, capsys):

@@ -335,15 +335,21 @@ def save_transferred(
     dest: str | os.PathLike[str],
     provenance: Mapping[str, object] | None = None,
 ) -> tuple[Path, Path]:
-    """Write the model's state dict as safetensors and ``provenance`` + the report as JSON beside it (atomically).
+    """Write the model's state dict as safetensors and ``provenance`` + the report as JSON beside it, as one pair
+    (both or neither; the JSON records the weights' SHA-256).
 
     ``W.safetensors`` gets ``W.json``.
     """
-    from medfm.data.outputs import write_json, write_weights
+    import json
+
+    from medfm.data.outputs import atomic_paths, file_sha256, write_weights
 
     dest = Path(dest)
     if dest.suffix != ".safetensors":
         raise CheckpointError(f"{dest}: the output must be a .safetensors file")
-    write_weights(model, dest)
-    sidecar = write_json({**(provenance or {}), "weights": str(dest), **report.to_dict()}, dest.with_suffix(".json"))
+    sidecar = dest.with_suffix(".json")
+    with atomic_paths(dest, sidecar) as (tmp, tmp_sidecar):
+        write_weights(model, tmp)
+        record = {**(provenance or {}), "weights": str(dest), "weights_sha256": file_sha256(tmp), **report.to_dict()}
+        tmp_sidecar.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return dest, sidecar
