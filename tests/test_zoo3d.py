@@ -21,10 +21,11 @@ from medfm.cli import main
 from medfm.data.io import read_volume
 from medfm.data.patches import crop_patch
 from medfm.data.profiles import get_profile, profile_from_dict
-from medfm.errors import ProfileError
+from medfm.errors import ModelError, ProfileError
 from medfm.models import hub
 from medfm.models.adapters import detect_layout
 from medfm.models.registry import get_entry, load_model
+from medfm.models.stages import trunk_blocks, trunk_family, trunk_stages
 from test_hub import local_only  # noqa: F401 - autouse: an empty cache in tmp_path, no network
 
 MED3D = {10: "B", 18: "A", 34: "A", 50: "B"}  # MedicalNet README: the shortcut each published file was trained with
@@ -314,3 +315,16 @@ def test_extract_refuses_a_patch_medicalnet_cannot_scale_as_a_row_error(small_ct
     assert len(errors) == 1 and "0 voxels above 0 HU" in " ".join(errors.astype(str).iloc[0])
     assert "air.nii.gz" in " ".join(errors.astype(str).iloc[0])
     assert len(pd.read_parquet(out)) == 1
+
+
+@pytest.mark.parametrize("name", ["med3d-resnet18", "models-genesis"])
+def test_no_stage_table_so_pyramids_refuse_them(name):
+    # MedicalNet's stages 3-4 keep stride 8 (dilated): a table of strides 2..32 would be silently wrong for it
+    trunk = get_entry(name).builder()
+    assert trunk_family(trunk) is None
+    with pytest.raises(ModelError, match="detection needs a trunk of the ResNet"):
+        trunk_stages(trunk, "detection")
+    expected = ["conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    assert trunk_blocks(trunk) == (
+        expected if name.startswith("med3d") else [f"down_tr{c}" for c in (64, 128, 256, 512)]
+    )
