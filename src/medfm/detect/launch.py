@@ -65,6 +65,7 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--on-error", default="raise", choices=["raise", "skip"], help="stop at a bad row, or list it and go on"
     )
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -91,6 +92,7 @@ def _predict(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         on_error=args.on_error,
         progress=not args.quiet,
+        device=args.device,
     )
     print(f"wrote {path}" + (f"; overlays in {args.overlays}" if args.overlays else ""))
 

@@ -44,6 +44,7 @@ from medfm.data.outputs import (
     write_json,
 )
 from medfm.data.profiles import Profile, Profile2D, get_profile
+from medfm.device import resolve_device
 from medfm.errors import ConfigError, MedfmError
 from medfm.models.registry import PUBLISHED, LoadedModel, load_model
 from medfm.progress import progress_bar
@@ -62,13 +63,6 @@ class ExtractResult:
     n_rows: int
     errors: dict[int, str]
     n_computed: int = 0
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class FeatureRunner:

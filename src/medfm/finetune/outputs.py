@@ -25,6 +25,7 @@ from medfm.data.labels import clean_labels
 from medfm.data.manifest import read_manifest
 from medfm.data.outputs import stem_of, write_errors, write_json, write_table, write_weights
 from medfm.data.profiles import Profile, Profile2D, get_profile, profile_from_dict
+from medfm.device import resolve_device
 from medfm.errors import ManifestError, ModelError
 from medfm.finetune.data import FinetuneData
 from medfm.finetune.module import FinetuneModule, metric_intervals, mlp_head
@@ -165,8 +166,7 @@ def predict_manifest(
     if batch_size < 1:
         raise ModelError(f"batch_size must be at least 1, got {batch_size}")
     model, card = load_finetuned(card_path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     model = model.to(device)
     profile = _card_profile(card)
     is_2d = isinstance(profile, Profile2D)

@@ -71,7 +71,7 @@ def _predict_parser() -> argparse.ArgumentParser:
         help="also write a DICOM-SEG referencing the source series: auto (for DICOM series folders), always (any "
         "other input is a row error) or never",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true", help="keep the rows an interrupted run finished")
     return p

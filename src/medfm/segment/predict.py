@@ -31,6 +31,7 @@ from medfm.data.io import Geometry, read_image, write_volume
 from medfm.data.manifest import read_table, validate_manifest
 from medfm.data.outputs import FinishedRows, atomic_path, pyplot, write_errors, write_figure, write_table
 from medfm.data.profiles import Profile2D, profile_from_dict
+from medfm.device import resolve_device
 from medfm.errors import ConfigError, MedfmError, RowError, VolumeError
 from medfm.progress import progress_bar
 from medfm.segment.cases import (
@@ -139,7 +140,7 @@ def predict_manifest(
     out: str | os.PathLike[str],
     overlays: bool = False,
     on_error: str = "raise",
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
     dicom_seg: str = "auto",
     resume: bool = False,
@@ -151,6 +152,7 @@ def predict_manifest(
     if dicom_seg not in DICOM_SEG_MODES:
         raise ConfigError(f"dicom_seg must be one of {DICOM_SEG_MODES}, got {dicom_seg!r}")
     net, card = load_segmenter(card_path)
+    device = resolve_device(device)
     net = net.to(device)
     profile = profile_from_dict(card["profile"], card["profile_spec"])
     is_2d = isinstance(profile, Profile2D)
