@@ -92,7 +92,8 @@ def _overlay(
     rows = [("prediction", [mask for _, mask, _ in slices])]
     if reference is not None:
         rows.append(("reference", list(reference)))
-    fig, axes = plt.subplots(len(rows), len(slices), figsize=(4 * len(slices), 4.2 * len(rows) + 0.4), squeeze=False)
+    size = (4 * len(slices), 4.2 * len(rows) + 0.4)
+    fig, axes = plt.subplots(len(rows), len(slices), figsize=size, squeeze=False, layout="constrained")
     for r, (kind, masks) in enumerate(rows):
         for c, ((image, predicted, title), mask) in enumerate(zip(slices, masks)):
             ax = axes[r, c]
@@ -105,10 +106,9 @@ def _overlay(
             ax.set_title(f"{kind} · {title}" if reference is not None else title, fontsize=9)
             ax.axis("off")
     handles = [Patch(color=colour, label=f"{i + 1} {name}") for i, (colour, name) in enumerate(zip(colours, names))]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
     what = "prediction (top), reference mask (bottom, prediction outlined in white)" if reference is not None else ""
     fig.suptitle(f"{dest.name.removesuffix('_overlay.png')}  {what}".strip(), fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return write_figure(fig, dest, dpi=90)
 
 
