@@ -99,8 +99,10 @@ def test_a_bad_option_value_from_the_library_is_a_user_error(tmp_path, capsys):
 
 
 @pytest.fixture
-def tables(tmp_path):
-    """A good feature table with labels and survival columns, and copies with a word where a number belongs."""
+def tables(tmp_path, monkeypatch):
+    """A good feature table with labels and survival columns, and copies with a word where a number belongs (the
+    commands run in tmp_path, where any default output folder goes)."""
+    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     good = pd.DataFrame(rng.normal(size=(40, 3)), columns=["feat_0", "feat_1", "feat_2"])
     good["y"] = [0, 1] * 20
