@@ -178,8 +178,10 @@ def test_whitening_gives_identity_covariance_and_works_for_n_below_d():
     sims = similarities(wide, wide, whitener)
     assert np.allclose(sims["mahalanobis"], 1.0) and np.allclose(sims["cosine"], 1.0)
     assert np.allclose(cosine_rows(np.array([[1.0, 0.0]]), np.array([[0.0, 2.0]])), 0.0)
-    ci = mean_interval(np.array([0.5, 0.7, 0.9]), n_resamples=200)
-    assert ci.value == pytest.approx(0.7) and ci.low <= 0.7 <= ci.high
+    ci = mean_interval(np.array([0.5, 0.7, 0.9]), n_resamples=200)  # 3 images: a mean, no interval
+    assert ci.value == pytest.approx(0.7) and np.isnan(ci.low) and ci.n == 3 and ci.no_ci.startswith("n = 3")
+    ci = mean_interval(np.linspace(0.5, 0.9, 12), n_resamples=200)
+    assert ci.value == pytest.approx(0.7) and ci.low <= 0.7 <= ci.high and ci.n == 12
 
 
 # invariance

@@ -122,6 +122,7 @@ def test_bootstrap_ci_is_seeded():
         "level": 0.95,
         "n_resamples": 200,
         "n_dropped": 0,
+        "n": 80,
     }
     assert str(a).startswith(f"{a.value:.3f} (95% CI ")
 
@@ -143,10 +144,10 @@ def test_bootstrap_level_widens_interval():
 
 
 def test_bootstrap_skips_one_class_resamples():
-    y = np.array([0, 0, 0, 0, 0, 0, 0, 1])
-    p = np.linspace(0, 1, 8)
+    y = np.array([0] * 11 + [1])
+    p = np.linspace(0, 1, 12)
     ci = bootstrap_ci("roc_auc", y, np.c_[1 - p, p], n_resamples=200, seed=0)
-    # P(no positive in a resample of 8) = (7/8)^8 ≈ 0.34: about a third are skipped
+    # P(no positive in a resample of 12) = (11/12)^12 ≈ 0.35: about a third are skipped
     assert 100 < ci.n_resamples < 170
     assert ci.value == 1.0
 
@@ -325,3 +326,38 @@ def test_delong_detects_a_better_model():
     assert result.z > 3
     assert result.p_value < 1e-3
     assert 0 < result.ci_low < result.auc_a - result.auc_b < result.ci_high
+
+
+# -- intervals at tiny n (issue 20) -------------------------------------------------------------------------
+def test_no_interval_below_min_n_or_with_one_class_and_n_beside_every_ci():
+    from medfm.analyze.report import interval_text as analyze_text
+    from medfm.analyze.similarity import mean_interval
+    from medfm.evaluate.metrics import MIN_CI_N, bootstrap_ci, interval_text, paired_bootstrap
+
+    assert MIN_CI_N == 10
+    one = bootstrap_ci("accuracy", np.array([1]), np.array([[0.87, 0.13]]), np.array([0, 1]))
+    assert one.value == 0.0 and one.n == 1 and one.no_ci == "n = 1 is too few for an interval (fewer than 10)"
+    data = one.to_dict()
+    assert data["low"] is None and data["high"] is None and data["n"] == 1
+    assert str(one) == "0.000 (no CI: n = 1 is too few for an interval (fewer than 10))"
+    rng = np.random.default_rng(0)
+    y = np.zeros(20, int)
+    single = bootstrap_ci("accuracy", y, np.c_[np.full(20, 0.7), np.full(20, 0.3)], np.array([0, 1]))
+    assert single.value == 1.0 and single.no_ci == "the 20 rows hold one class only"
+    y = np.tile([0, 1], 20)
+    p1 = np.clip(y * 0.3 + rng.uniform(0, 0.7, 40), 0, 1)
+    proba = np.c_[1 - p1, p1]
+    full = bootstrap_ci("roc_auc", y, proba, n_resamples=200)
+    assert full.no_ci is None and full.n == 40 and full.low < full.value < full.high
+    assert str(full) == f"{full.value:.3f} (95% CI {full.low:.3f}–{full.high:.3f}, n = 40)"
+    grouped = bootstrap_ci("roc_auc", y, proba, groups=np.repeat(np.arange(5), 8), n_resamples=200)
+    assert grouped.n == 5 and grouped.no_ci.startswith("n = 5 is too few")  # 5 patients, whatever the rows
+    paired = paired_bootstrap("roc_auc", y[:6], proba[:6], proba[::-1][:6], n_resamples=100)
+    assert paired.difference.n == 6 and paired.p_text.startswith("no p-value (no interval: n = 6")
+    assert interval_text(paired.difference.to_dict(), signed=True).startswith(f"{paired.difference.value:+.3f} (no CI")
+    # whitened similarities of 4 images: a mean, but no interval
+    four = mean_interval(np.array([0.01, 0.012, 0.009, 0.011]), 100)
+    assert four.n == 4 and np.isnan(four.low) and four.no_ci.startswith("n = 4")
+    assert analyze_text(four.value, four.low, four.high, n=4) == "0.010 (no CI, n = 4)"  # mean 0.0105
+    twelve = mean_interval(rng.normal(size=12), 100)
+    assert analyze_text(twelve.value, twelve.low, twelve.high, n=12).endswith(", n = 12)")

@@ -66,7 +66,7 @@ def _write(table: pd.DataFrame, path: Path) -> Path:
 def separable_run(tmp_path_factory):
     """One probe on a separable, split-column table; returns (table path, table, result)."""
     root = tmp_path_factory.mktemp("probe_sep")
-    table = make_table()
+    table = make_table(n_patients=60)  # 12 test patients: enough for a grouped CI (at least 10)
     path = _write(table, root / "features.parquet")
     result = run_probe(path, "y", root / "out", group="patient", **FAST)
     return path, table, result
@@ -426,13 +426,13 @@ def test_grid_search_probe(tmp_path):
 
 # -- CLI ---------------------------------------------------------------------------------------------------
 def test_cli_probe_predict_compare(tmp_path, capsys):
-    table = _write(make_table(seed=15), tmp_path / "features.parquet")
+    table = _write(make_table(n_patients=60, seed=15), tmp_path / "features.parquet")  # 12 test patients
     out = tmp_path / "out"
     args = ["probe", str(table), "--label", "y", "--out", str(out), "--trials", "5", "--bootstrap", "100", "--quiet"]
     assert main([*args, "--group", "patient"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("test roc_auc: 1.000 (95% CI ")
+    assert lines[0].startswith("test roc_auc: 1.000 (95% CI 1.000–1.000, n = 12)")  # n: patients resampled
     assert "best C" in lines[0]
     assert lines[1].startswith(f"results in {out / 'results.json'}")
     summary = json.loads((out / "results.json").read_text())
@@ -441,20 +441,20 @@ def test_cli_probe_predict_compare(tmp_path, capsys):
 
     assert main(["predict", str(out / "probe.json"), str(table), "--out", str(tmp_path / "p.csv")]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'p.csv'}"
-    assert len(pd.read_csv(tmp_path / "p.csv")) == 120
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 180
 
     results = str(out / "results.json")
     assert main(["compare", results, results, "--bootstrap", "100"]) == 0
     printed = capsys.readouterr().out
     first, second = printed.splitlines()[:2]
-    assert first.startswith("roc_auc A − B = +0.000 (95% CI +0.000 to +0.000), bootstrap p = 1")
+    assert first.startswith("roc_auc A − B = +0.000 (95% CI +0.000 to +0.000, n = 12), bootstrap p = 1")
     assert second.startswith("DeLong (assumes independent rows): AUC 1.000 vs 1.000, z = 0.00, p = 1")  # --group
     report = json.loads(printed[printed.index("{") :])
     assert report["difference"]["value"] == 0.0
 
     assert main(["compare", results, results, "--bootstrap", "100", "--out", str(tmp_path / "cmp.json")]) == 0
     assert "{" not in capsys.readouterr().out
-    assert json.loads((tmp_path / "cmp.json").read_text())["n_test"] == 24
+    assert json.loads((tmp_path / "cmp.json").read_text())["n_test"] == 36
 
 
 def test_cli_missing_label_is_one_line_error(tmp_path, capsys):
@@ -486,7 +486,8 @@ def test_cli_knn_and_fewshot(tmp_path, capsys):
     assert main(["knn", str(table), "--label", "y", "--k", "5", "--bootstrap", "100"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        f"kNN (k=5, T=0.07) {name}: 1.000 (95% CI 1.000–1.000)" for name in ("accuracy", "balanced_accuracy", "roc_auc")
+        f"kNN (k=5, T=0.07) {name}: 1.000 (95% CI 1.000–1.000, n = 24)"
+        for name in ("accuracy", "balanced_accuracy", "roc_auc")
     ]
     assert main(["fewshot", str(table), "--label", "y", "--episodes", "20", "--shots", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -189,8 +189,10 @@ def _split_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _interval(m: dict[str, float]) -> str:
-    """A metric with its CI, from an interval's plain-data form."""
-    return f"{m['value']:.3f} (95% CI {m['low']:.3f}–{m['high']:.3f})"
+    """A metric with its CI and n (or why there is no CI), from an interval's plain-data form."""
+    from medfm.evaluate.metrics import interval_text
+
+    return interval_text(m)
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -309,10 +311,11 @@ def _compare(args: argparse.Namespace) -> None:
             split_column=args.split_column,
             progress=False,
         )
+    from medfm.evaluate.metrics import interval_text
+
     d = report["difference"]
-    dropped = f" [{d['dropped_note']}]" if d.get("dropped_note") else ""
     print(
-        f"{report['scoring']} A − B = {d['value']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f}){dropped}, "
+        f"{report['scoring']} A − B = {interval_text(d, signed=True)}, "
         f"bootstrap {report['bootstrap_p_text']} ({report['bootstrap']}), {report['n_test']} test rows"
     )
     if "delong" in report:

@@ -112,6 +112,7 @@ def _perceptual(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from medfm.analyze.perceptual import run_perceptual
+    from medfm.analyze.report import interval_text
 
     names, rest = _split_manifest(args, 2)
     if not args.pairs and args.reference:
@@ -133,7 +134,8 @@ def _perceptual(args: argparse.Namespace) -> None:
         summary = result.table.groupby("model", sort=False)["distance"].agg(["count", "mean", "median"])
         print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
         for row in result.correlations.itertuples(index=False):
-            print(f"{row.model}: Spearman ρ with {row.reference} = {row.spearman:.3f} ({row.low:.3f}–{row.high:.3f})")
+            rho = interval_text(row.spearman, row.low, row.high, n=row.n)
+            print(f"{row.model}: Spearman ρ with {row.reference} = {rho}")
     else:
         for row in result.table.itertuples(index=False):
             print(f"{row.model}: perceptual distance {row.distance:.5f} (layers {row.layers})")

@@ -152,7 +152,9 @@ def plot_invariance(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Path
 
 def _table_text(summary: pd.DataFrame) -> str:
     """Levels as rows, models × measures as columns, each cell a mean with its CI."""
-    wide = summary.assign(cell=[interval_text(m, lo, hi) for m, lo, hi in summary[["mean", "low", "high"]].values])
+    wide = summary.assign(
+        cell=[interval_text(m, lo, hi, n=n) for m, lo, hi, n in summary[["mean", "low", "high", "n"]].values]
+    )
     wide["column"] = wide["model"] + " · " + wide["measure"].map({"mahalanobis": "whitened", "cosine": "cosine"})
     table = wide.pivot_table(index=["level"], columns="column", values="cell", aggfunc="first", sort=False)
     return markdown_table(table.reset_index())
@@ -261,7 +263,9 @@ def run_pair_invariance(
     write_csv(summary, folder / "pairs.csv")
     if table is not None:
         write_row_errors(table, errors, folder, "pairs")
-    shown = summary.assign(similarity=[interval_text(*v) for v in summary[["mean", "low", "high"]].values])
+    shown = summary.assign(
+        similarity=[interval_text(m, lo, hi, n=n) for m, lo, hi, n in summary[["mean", "low", "high", "n"]].values]
+    )
     write_summary(
         folder,
         "Invariance between pairs",

@@ -87,7 +87,7 @@ def spearman_interval(distance: np.ndarray, reference: np.ndarray, n_bootstrap: 
     def one(idx: np.ndarray) -> float:
         return float(spearmanr(d[idx], r[idx])[0]) if np.ptp(d[idx]) > 0 and np.ptp(r[idx]) > 0 else np.nan
 
-    ci = percentile_interval(float(rho), bootstrap_values(one, len(d), None, n_bootstrap, seed))
+    ci = percentile_interval(float(rho), bootstrap_values(one, len(d), None, n_bootstrap, seed), n=len(d))
     return {"spearman": ci.value, "p_value": float(p), "low": ci.low, "high": ci.high, "n": len(d)}
 
 
@@ -139,7 +139,10 @@ def run_perceptual(
         if len(correlation_table):
             write_csv(correlation_table, folder / "perceptual_spearman.csv")
             shown = correlation_table.assign(
-                rho=[interval_text(*v) for v in correlation_table[["spearman", "low", "high"]].values]
+                rho=[
+                    interval_text(r, lo, hi, n=n)
+                    for r, lo, hi, n in correlation_table[["spearman", "low", "high", "n"]].values
+                ]
             )
             sections.append(
                 f"Spearman rank correlation of the distance with `{reference}` (bootstrap 95% CI over pairs):\n\n"

@@ -36,11 +36,14 @@ def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def interval_text(value: float, low: float, high: float, digits: int = 3) -> str:
-    """``0.912 (0.880–0.941)``, or ``n/a`` when undefined."""
+def interval_text(value: float, low: float, high: float, digits: int = 3, n: int | None = None) -> str:
+    """``0.912 (0.880–0.941, n = 40)``, ``0.010 (no CI, n = 4)`` when n was too small for one, ``n/a`` when undefined."""
     if not np.isfinite(value):
         return "n/a"
-    return f"{value:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+    count = "" if n is None else f"n = {int(n)}"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{value:.{digits}f} (no CI{', ' + count if count else ''})"
+    return f"{value:.{digits}f} ({low:.{digits}f}–{high:.{digits}f}{', ' + count if count else ''})"
 
 
 def write_summary(folder: str | os.PathLike[str], title: str, sections: list[str], provenance: dict) -> Path:

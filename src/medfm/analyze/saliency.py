@@ -275,7 +275,10 @@ def run_saliency(
     if table is not None:
         write_row_errors(table, errors, folder, "saliency")
     shown = summary.assign(
-        diffusion=[interval_text(*v) for v in summary[["attentive_diffusion", "low", "high"]].values]
+        diffusion=[
+            interval_text(m, lo, hi, n=n)
+            for m, lo, hi, n in summary[["attentive_diffusion", "low", "high", "n"]].values
+        ]
     )
     spatial = "pixels" if models[0].dims == 2 else "voxels"
     write_summary(

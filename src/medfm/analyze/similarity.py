@@ -82,10 +82,11 @@ def similarities(original: np.ndarray, other: np.ndarray, whitener: Whitener | N
 
 
 def mean_interval(values: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
-    """Mean of per-image values with a percentile bootstrap CI over images (NaN when there are none)."""
+    """Mean of per-image values with a percentile bootstrap CI over images (NaN when there are none; no interval,
+    with the reason, below :data:`~medfm.evaluate.metrics.MIN_CI_N` images)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return Interval(float("nan"), float("nan"), float("nan"), level, 0)
     resampled = bootstrap_values(lambda idx: float(values[idx].mean()), len(values), None, n_resamples, seed)
-    return percentile_interval(float(values.mean()), resampled, level)
+    return percentile_interval(float(values.mean()), resampled, level, n=len(values))

@@ -6,7 +6,7 @@ summing to one; binary metrics read its last column.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,11 +74,18 @@ def score(metric: str, y: np.ndarray, proba: np.ndarray, classes: np.ndarray | N
 
 # A CI whose resamples were dropped (a metric undefined there, e.g. one class only) above this share says so.
 DROPPED_NOTE_SHARE = 0.05
+# Below this many resampled units (rows, or groups when grouped) a bootstrap interval is not reported: it would look
+# precise while saying nothing (one test row gives "0.130–0.130").
+MIN_CI_N = 10
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its bootstrap confidence interval (``n_dropped`` resamples had no value)."""
+    """A point estimate with its bootstrap confidence interval (``n_dropped`` resamples had no value).
+
+    ``n``: the units resampled (rows, or groups); ``no_ci``: why no interval is given (then ``low`` and ``high`` are
+    NaN, and None in :meth:`to_dict`), e.g. too few units or one class only.
+    """
 
     value: float
     low: float
@@ -86,6 +93,8 @@ class Interval:
     level: float
     n_resamples: int
     n_dropped: int = 0
+    n: int | None = None
+    no_ci: str | None = None
 
     @property
     def dropped_note(self) -> str | None:
@@ -102,19 +111,37 @@ class Interval:
         """The interval as plain data (with ``dropped_note`` when more than 5% of resamples were dropped)."""
         data: dict[str, object] = {
             "value": self.value,
-            "low": self.low,
-            "high": self.high,
+            "low": None if self.no_ci else self.low,
+            "high": None if self.no_ci else self.high,
             "level": self.level,
             "n_resamples": self.n_resamples,
             "n_dropped": self.n_dropped,
         }
+        if self.n is not None:
+            data["n"] = self.n
+        if self.no_ci:
+            data["no_ci"] = self.no_ci
         if self.dropped_note:
             data["dropped_note"] = self.dropped_note
         return data
 
     def __str__(self) -> str:
-        text = f"{self.value:.3f} ({self.level:.0%} CI {self.low:.3f}–{self.high:.3f})"
-        return f"{text} [{self.dropped_note}]" if self.dropped_note else text
+        return interval_text(self.to_dict())
+
+
+def interval_text(interval: Mapping[str, object], digits: int = 3, signed: bool = False) -> str:
+    """``0.871 (95% CI 0.812–0.922, n = 80)``, or ``0.130 (n = 1: too few for an interval)``, from an interval's
+    plain-data form (:meth:`Interval.to_dict`); ``signed`` writes differences as ``+0.051``."""
+    fmt = f"{'+' if signed else ''}.{digits}f"
+    value = f"{interval['value']:{fmt}}"
+    n = interval.get("n")
+    if interval.get("no_ci"):
+        return f"{value} (no CI: {interval['no_ci']})"
+    level = float(interval.get("level", 0.95))  # type: ignore[arg-type]
+    sep = " to " if signed else "–"
+    text = f"{value} ({level:.0%} CI {interval['low']:{fmt}}{sep}{interval['high']:{fmt}}"
+    text += f", n = {n})" if n is not None else ")"
+    return f"{text} [{interval['dropped_note']}]" if interval.get("dropped_note") else text
 
 
 def _resample_indices(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
@@ -140,13 +167,35 @@ def bootstrap_values(
 
 
 def percentile_interval(
-    value: float, values: np.ndarray, level: float = 0.95, n_requested: int | None = None
+    value: float,
+    values: np.ndarray,
+    level: float = 0.95,
+    n_requested: int | None = None,
+    n: int | None = None,
+    no_ci: str | None = None,
 ) -> Interval:
-    """The percentile bootstrap interval of ``values`` around ``value``; ``n_requested`` counts the dropped ones."""
+    """The percentile bootstrap interval of ``values`` around ``value``; ``n_requested`` counts the dropped ones.
+
+    ``n``: the units that were resampled; below :data:`MIN_CI_N` (or with a reason ``no_ci``) no interval is given.
+    """
+    if no_ci is None and n is not None and n < MIN_CI_N:
+        no_ci = f"n = {n} is too few for an interval (fewer than {MIN_CI_N})"
+    if no_ci:
+        return Interval(float(value), float("nan"), float("nan"), level, 0, 0, n, no_ci)
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha]) if len(values) else (np.nan, np.nan)
     dropped = max(0, n_requested - len(values)) if n_requested is not None else 0
-    return Interval(float(value), float(low), float(high), level, len(values), dropped)
+    return Interval(float(value), float(low), float(high), level, len(values), dropped, n)
+
+
+def _units(y: np.ndarray, groups: np.ndarray | None) -> tuple[int, str | None]:
+    """How many units a bootstrap resamples (groups when given), and why no interval applies, if so."""
+    n = len(np.unique(groups)) if groups is not None else len(y)
+    if n < MIN_CI_N:
+        return n, f"n = {n} is too few for an interval (fewer than {MIN_CI_N})"
+    if len(np.unique(y)) < 2:
+        return n, f"the {len(y)} rows hold one class only"
+    return n, None
 
 
 def bootstrap_ci(
@@ -165,8 +214,12 @@ def bootstrap_ci(
     def one(idx: np.ndarray) -> float:  # a resample with one class has no AUC: skipped, the usual convention
         return score(metric, y[idx], proba[idx], classes) if len(np.unique(y[idx])) > 1 else np.nan
 
+    value = score(metric, y, proba, classes)
+    n, no_ci = _units(y, groups)
+    if no_ci or n < MIN_CI_N:
+        return percentile_interval(value, np.empty(0), level, n_resamples, n, no_ci)
     values = bootstrap_values(one, len(y), groups, n_resamples, seed)
-    return percentile_interval(score(metric, y, proba, classes), values, level, n_resamples)
+    return percentile_interval(value, values, level, n_resamples, n)
 
 
 @dataclass(frozen=True)
@@ -184,6 +237,8 @@ class PairedBootstrap:
     @property
     def p_text(self) -> str:
         """``p = 0.034``, or ``p < 0.002`` when no resample fell on the other side."""
+        if not np.isfinite(self.p_value):
+            return "no p-value (no interval: " + (self.difference.no_ci or "no resample had a value") + ")"
         return f"p < {self.p_value:.2g}" if self.p_below else f"p = {self.p_value:.3g}"
 
 
@@ -206,9 +261,14 @@ def paired_bootstrap(
             return np.nan
         return score(metric, y[idx], proba_a[idx], classes) - score(metric, y[idx], proba_b[idx], classes)
 
-    diffs = bootstrap_values(diff, len(y), groups, n_resamples, seed)
     point = score(metric, y, proba_a, classes) - score(metric, y, proba_b, classes)
-    interval = percentile_interval(point, diffs, level, n_resamples)
+    n, no_ci = _units(y, groups)
+    if no_ci or n < MIN_CI_N:
+        return PairedBootstrap(
+            percentile_interval(point, np.empty(0), level, n_resamples, n, no_ci), float("nan"), False
+        )
+    diffs = bootstrap_values(diff, len(y), groups, n_resamples, seed)
+    interval = percentile_interval(point, diffs, level, n_resamples, n)
     if not len(diffs):
         return PairedBootstrap(interval, float("nan"), False)
     p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))

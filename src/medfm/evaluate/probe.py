@@ -167,13 +167,14 @@ def _markdown(summary: dict, metrics: dict[str, Interval]) -> str:
         f"Search: {summary['search']['kind']}, {summary['search']['trials']} trials, {summary['search']['how']}; "
         f"best C = {summary['best_c']:.3g}.",
         "",
-        "| metric (test) | value | 95% CI |",
-        "| --- | --- | --- |",
+        "| metric (test) | value | 95% CI | n |",
+        "| --- | --- | --- | --- |",
     ]
     for name, m in metrics.items():
         star = " (searched)" if name == summary["scoring"] else ""
         note = f" ({m.dropped_note})" if m.dropped_note else ""
-        lines.append(f"| {name}{star} | {m.value:.3f} | {m.low:.3f}–{m.high:.3f}{note} |")
+        ci = f"no CI: {m.no_ci}" if m.no_ci else f"{m.low:.3f}–{m.high:.3f}{note}"
+        lines.append(f"| {name}{star} | {m.value:.3f} | {ci} | {m.n} |")
     lines += ["", "Class balance:", ""]
     for part, counts in summary["class_balance"].items():
         lines.append(f"- {part}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

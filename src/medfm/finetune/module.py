@@ -94,8 +94,9 @@ def metric_intervals(
     with warnings.catch_warnings():  # resamples with one class: sklearn warns, those values are left out
         warnings.simplefilter("ignore")
         bootstrap_values(resample, len(target), groups, n_bootstrap, seed=0)
+    n_units = len(target) if groups is None else len(set(groups))  # below MIN_CI_N: no interval, said so
     return {
-        name: percentile_interval(value, np.asarray(samples[name]), n_requested=n_bootstrap).to_dict()
+        name: percentile_interval(value, np.asarray(samples[name]), n_requested=n_bootstrap, n=n_units).to_dict()
         for name, value in point.items()
     }
 
