@@ -409,6 +409,22 @@ def _transfer(args: argparse.Namespace) -> None:
         print(f"wrote {weights} (report: {sidecar})")
 
 
+def _data_medmnist(args: argparse.Namespace) -> None:
+    from medfm.data.medmnist import convert_medmnist
+
+    manifest = convert_medmnist(args.npz, args.out)
+    counts = _split_counts(manifest)
+    print(f"wrote {manifest} ({counts}) and the images under {Path(args.out) / 'images'}")
+
+
+def _split_counts(manifest: Path) -> str:
+    """``train 546, val 78, test 156`` of a manifest's split column."""
+    import pandas as pd
+
+    splits = pd.read_csv(manifest)["split"].value_counts()
+    return ", ".join(f"{s} {int(splits[s])}" for s in ("train", "val", "test") if s in splits)
+
+
 def _add_table_args(p: argparse.ArgumentParser, label_required: bool = True) -> None:
     p.add_argument(
         "features",
@@ -546,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_weights)
+
+    p = sub.add_parser("data", help="convert public data sets into images + a manifest: `medfm data medmnist F.npz`")
+    data_sub = p.add_subparsers(dest="dataset", required=True)
+    q = data_sub.add_parser("medmnist", help="a MedMNIST .npz → PNG (2D) or NIfTI (3D) images + manifest.csv")
+    q.add_argument("npz", help="a MedMNIST file, e.g. pneumoniamnist.npz or adrenalmnist3d.npz")
+    q.add_argument("--out", required=True, help="output folder (images/ and manifest.csv)")
+    q.set_defaults(func=_data_medmnist)
 
     p = sub.add_parser("cache", help="list or clean what medfm keeps in $MEDFM_HOME (patch stores, weights, models)")
     p.add_argument("action", choices=["list", "clean"], help="list every entry with its size, or remove entries")
