@@ -675,3 +675,21 @@ def test_compare_train_fraction_runs_and_refusals(tmp_path, capsys):
         compare(tmp_path / "a", survival)
     assert main(["compare", str(tmp_path / "nothing.json"), str(tmp_path / "a")]) == 2
     assert "no such results file" in capsys.readouterr().err
+
+
+def test_knn_writes_its_report_predictions_and_figures_with_out(tmp_path, capsys):
+    table = make_table(seed=18)
+    path = tmp_path / "features.csv"
+    table.to_csv(path, index=False)
+    out = tmp_path / "knn"
+    assert main(["knn", str(path), "--label", "y", "--k", "5", "--bootstrap", "100", "--out", str(out)]) == 0
+    assert f"results in {out}/knn.json" in capsys.readouterr().out
+    report = json.loads((out / "knn.json").read_text())
+    assert report["k"] == 5 and report["test"]["roc_auc"]["value"] == 1.0
+    predictions = pd.read_csv(out / "predictions.csv")
+    test_rows = np.flatnonzero(table["split"] == "test")
+    np.testing.assert_array_equal(predictions["row"], test_rows)
+    assert predictions["patient"].tolist() == table["patient"][test_rows].tolist()
+    assert (predictions["predicted"] == predictions["y"]).all()
+    for kind in ("roc", "pr"):
+        assert (out / f"{kind}.png").read_bytes()[:8] == PNG_MAGIC

@@ -363,9 +363,13 @@ def _knn(args: argparse.Namespace) -> None:
         **_split_args(args),
         n_bootstrap=args.bootstrap,
         seed=args.seed,
+        out_dir=args.out,
+        figure_format=args.figure_format,
     )
     for name, m in report["test"].items():
         print(f"kNN (k={args.k}, T={args.temperature}) {name}: {_interval(m)}")
+    if args.out:
+        print(f"results in {args.out}/knn.json (and predictions.csv, roc.{args.figure_format}, pr.{args.figure_format})")
     _print_missing(report["n_missing_labels"], args.label)
 
 
@@ -666,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="neighbours that vote")
     p.add_argument("--temperature", type=float, default=0.07, help="T of the exp(cosine/T) vote weights")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--out", help="folder for knn.json, predictions.csv and ROC/PR figures (default: print only)")
+    p.add_argument("--figure-format", default="png", choices=["png", "svg", "pdf"], help="ROC and PR figures' format")
     p.set_defaults(func=_knn)
 
     p = sub.add_parser("transfer", help="initialise a registered model from a checkpoint of another topology")

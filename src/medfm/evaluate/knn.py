@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,9 +12,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from medfm.data.outputs import write_json, write_table
 from medfm.data.splits import holdout
 from medfm.errors import ConfigError
-from medfm.evaluate.features import read_labelled
+from medfm.evaluate.features import Labelled, read_labelled
+from medfm.evaluate.figures import Scores, describe_features, roc_pr_figures
 from medfm.evaluate.metrics import bootstrap_ci
 
 
@@ -73,9 +76,13 @@ def run_knn(
     n_bootstrap: int = 1000,
     seed: int = 0,
     label_missing: Sequence[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    figure_format: str = "png",
 ) -> dict[str, object]:
     """kNN accuracy, balanced accuracy and AUC on the test rows (train = all other rows), with bootstrap CIs.
-    Rows whose label is one of ``label_missing`` (default: 'NA', 'unknown', …) are left out and counted."""
+    Rows whose label is one of ``label_missing`` (default: 'NA', 'unknown', …) are left out and counted.
+    With ``out_dir``: ``knn.json`` (this report), ``predictions.csv`` (the test rows' columns and class
+    probabilities) and ROC/PR figures."""
     data = read_labelled(features, label, group, missing=label_missing)
     development, test = holdout(data.table, data.y, split_column, data.groups, test_size, seed)
     knn = KNNProbe(k, temperature).fit(data.x[development], data.y[development])
@@ -85,7 +92,7 @@ def run_knn(
         m: bootstrap_ci(m, data.y[test], proba, knn.classes_, groups, n_bootstrap, seed=seed).to_dict()
         for m in ("accuracy", "balanced_accuracy", "roc_auc")
     }
-    return {
+    report: dict[str, object] = {
         "label": label,
         "k": k,
         "temperature": temperature,
@@ -94,3 +101,38 @@ def run_knn(
         "n_missing_labels": data.n_missing,
         "test": metrics,
     }
+    if out_dir is not None:
+        _write_outputs(report, features, data, test, proba, knn.classes_, Path(out_dir), figure_format)
+    return report
+
+
+def _write_outputs(
+    report: dict[str, object],
+    features: str | os.PathLike[str] | pd.DataFrame,
+    data: Labelled,
+    test: np.ndarray,
+    proba: np.ndarray,
+    classes: np.ndarray,
+    out: Path,
+    figure_format: str,
+) -> None:
+    """knn.json, predictions.csv and the ROC/PR figures of one kNN evaluation."""
+    out.mkdir(parents=True, exist_ok=True)
+    label = str(report["label"])
+    kept = [c for c in data.table.columns if c not in set(data.columns) | {label}]
+    predictions = pd.DataFrame({"row": data.rows[test], label: data.y[test]})
+    predictions = pd.concat([predictions, data.table.iloc[test][kept].reset_index(drop=True)], axis=1)
+    for k, c in enumerate(classes):
+        predictions[f"proba_{c}"] = proba[:, k]
+    predictions["predicted"] = classes[np.argmax(proba, axis=1)]
+    write_table(predictions, out / "predictions.csv")
+    model, dataset = describe_features(features)
+    positives = classes[1:] if len(classes) == 2 else classes
+    curves = [
+        Scores(str(c) if len(positives) > 1 else f"{model}, kNN k={report['k']}", (data.y[test] == c).astype(int),
+               proba[:, list(classes).index(c)])
+        for c in positives
+    ]  # fmt: skip
+    what = f"{label} = {positives[0]}" if len(positives) == 1 else f"{label}, one class against the rest"
+    roc_pr_figures(curves, f"{model} on {dataset}: {what}; test split, n = {len(test)}", out, figure_format)
+    write_json(report, out / "knn.json")
