@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# everything but the slow, multi-process and real-data tests (markers set in tests/conftest.py)
+test-fast: lint
+	$(BIN)/pytest -m "not slow and not ddp and not real_data"
+
 bench: $(STAMP)
+	$(BIN)/python benchmarks/import_time.py
 	$(BIN)/python benchmarks/extract_speed.py
 	$(BIN)/python benchmarks/extract_devices.py
 	$(BIN)/python benchmarks/dicom_region.py

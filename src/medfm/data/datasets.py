@@ -6,10 +6,9 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from medfm.data.images2d import intensity_warning2d, preprocess2d, read_image2d
 from medfm.data.io import (
@@ -26,6 +25,9 @@ from medfm.data.nifti import form_disagreement, nonfinite_voxels
 from medfm.data.patches import PatchPlan, plan_patch, sample_patch, source_region
 from medfm.data.profiles import Profile, Profile2D
 from medfm.errors import ConfigError, MedfmError, RowError
+
+if TYPE_CHECKING:  # torch is imported only where reader processes or tensors are asked for: `medfm crop` runs without
+    import torch
 
 
 @dataclass
@@ -46,8 +48,11 @@ class VolumeItem:
 NON_FINITE = ("refuse", "pad")  # what to do with NaN/Inf voxels where a patch is sampled
 
 
-class VolumePatches(Dataset):
-    """One item per volume (or 2D image): it is read once and every row that points at it gets its patch."""
+class VolumePatches:
+    """One item per volume (or 2D image): it is read once and every row that points at it gets its patch.
+
+    A map-style dataset (``len`` and indexing), as torch's ``DataLoader`` takes it; plain Python otherwise.
+    """
 
     def __init__(
         self,
@@ -205,15 +210,20 @@ def iter_volume_items(
     if early:
         yield VolumeItem(errors=early)
     dataset = VolumePatches(manifest, profile, rows, irregular_series=irregular_series, non_finite=non_finite)
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_keep,
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
+    if num_workers > 0:  # reader processes through torch's DataLoader; in this process a plain loop (no torch)
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_keep,
+            prefetch_factor=2,
+            persistent_workers=False,
+        )
+    else:
+        loader = (dataset[i] for i in range(len(dataset)))
     warned = False
     for item in loader:
         if item.errors and on_error == "raise":
@@ -231,4 +241,6 @@ def iter_volume_items(
 
 def stack_patches(patches: list[np.ndarray]) -> torch.Tensor:
     """Stack (C, Z, Y, X) patches into one float32 batch tensor."""
+    import torch
+
     return torch.from_numpy(np.stack(patches).astype(np.float32, copy=False))

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from medfm.data.profiles import Profile2D
 from medfm.errors import VolumeError
@@ -201,6 +199,9 @@ def intensity_warning2d(image: Image2D) -> str | None:
 
 def preprocess2d(image: Image2D, profile: Profile2D) -> np.ndarray:
     """Resize to the profile's size, set the channels, normalise; returns (C, H, W) float32."""
+    import torch  # here, not at import: a 3D `medfm crop` never needs torch
+    import torch.nn.functional as F  # noqa: N812 - torch's own name for it
+
     a = image.array
     x = torch.from_numpy(np.ascontiguousarray(a if a.ndim == 3 else a[..., None])).permute(2, 0, 1)[None].float()
     if x.shape[1] == 3 and profile.channels == 1:
