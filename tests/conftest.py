@@ -48,6 +48,9 @@ DDP_WORDS = ("ddp", "two_ranks", "two_processes", "gloo")
 SLOW_FILES = ("test_extract.py", "test_detect_train.py", "test_segment.py", "test_pretrain.py", "test_finetune.py")
 SLOW_TESTS = (
     "test_probe.py::test_evaluate_modules_do_not_import_torch",
+    "test_configs.py::test_fmcib_comparison_runs_every_arm_on_synthetic_volumes",
+    "test_fmcib_files.py::test_import_medfm_does_not_import_torch",
+    "test_medmnist.py::test_real_medmnist_files",
     "test_probe.py::test_multiclass_probe",
     "test_probe.py::test_shared_storage_keeps_feature_sets_apart",
     "test_probe.py::test_same_seed_same_results",
