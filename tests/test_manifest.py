@@ -312,4 +312,5 @@ def test_a_seed_outside_the_volume_is_named_as_the_user_gave_it(tmp_path, images
     path = _write_csv(tmp_path / "m.csv", [[str(rel), *seed]], ["image_path", "coordX", "coordY", "coordZ"])
     item = VolumePatches(read_manifest(path, coords=coords), FMCIB)[0]
     assert list(item.errors) == [0]
-    assert item.errors[0].startswith(f"{named} lies ") and item.errors[0].endswith(" mm outside the volume")
+    assert item.errors[0].startswith(f"{named} lies ")
+    assert item.errors[0].endswith(" mm outside the volume: its 50×50×50 box does not reach the volume")
