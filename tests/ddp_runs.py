@@ -36,6 +36,7 @@ def start(command: str, folder: Path, config: Path, devices: int, batch_size: in
     argv = [medfm_script(), command, "fit", "--config", str(config), "--trainer.devices", str(devices)]
     argv += ["--trainer.accelerator", "cpu", "--trainer.sync_batchnorm", "true", "--data.batch_size", str(batch_size)]
     argv += ["--trainer.log_every_n_steps", "1", "--trainer.max_steps", "2"]
+    argv += ["--verbose"]  # Lightning's notes ("GLOBAL_RANK: 1", the backend) show that two ranks really ran
     if devices > 1:
         argv += ["--trainer.strategy", "ddp"]
     env = {

@@ -145,7 +145,9 @@ def test_short_fit_finds_squares_and_predict_undoes_the_resize(squares_run, one_
             best = mine.sort_values("score").iloc[-1]
             cols = ["x_min", "y_min", "x_max", "y_max"]
             hits += box_iou(best[cols].to_numpy(float)[None], row[cols].to_numpy(float)[None])[0, 0] >= 0.5
-    assert hits >= 0.9 * len(truth)
+    # a resize not undone would put almost no best box on its square; 8 epochs find ~42-45 of the 48 (the exact
+    # count moves with the initial weights' random draw, which create() now takes from the caller's seed)
+    assert hits >= 0.85 * len(truth)
     assert predicted["x_max"].max() > 64  # beyond the network's width: the resize was undone
     assert len(list((tmp_path / "overlays").glob("*.png"))) == len(truth)
     from_ckpt = tmp_path / "pred_ckpt.csv"

@@ -166,7 +166,7 @@ def test_ddp_finetune_validation_and_test_metrics_equal_single_process(runs):
         assert len(a) == len(b) == 1  # one validation after the one epoch of 2 steps
         assert a == pytest.approx(b, abs=1e-4)
     ra, rb = results(ddp), results(single)
-    assert ra["sizes"] == rb["sizes"] == {"train": 8, "val": 4, "test": 4, "unused": 0}
+    assert ra["sizes"] == rb["sizes"] == {"train": 8, "val": 4, "test": 4, "unused": 0, "unlabelled": 0}
     assert ra["test"]["n"]["value"] == rb["test"]["n"]["value"] == 4  # each test row once, not padded per rank
     for name, interval in rb["test"].items():
         assert ra["test"][name]["value"] == pytest.approx(interval["value"], abs=1e-4, nan_ok=True), name
