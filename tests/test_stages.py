@@ -51,7 +51,7 @@ def test_stage_table_strides_and_channels():
     assert trunk_family(trunk) == "resnet"
     assert [s.stride for s in stages] == [2, 4, 8, 16, 32]
     assert [s.output for s in stages] == ["relu", "layer1", "layer2", "layer3", "layer4"]
-    assert stage_channels(trunk, stages, 1, 2) == [64, 64, 128, 256, 512]
+    assert stage_channels(trunk, stages) == [64, 64, 128, 256, 512]
     dense, _ = build_trunk("densenet121", 1)
     assert [s.output for s in trunk_stages(dense)][1:] == [
         "features.denseblock1",
@@ -59,7 +59,7 @@ def test_stage_table_strides_and_channels():
         "features.denseblock3",
         "features.norm5",
     ]
-    assert stage_channels(dense, trunk_stages(dense), 1, 2) == [64, 256, 512, 1024, 1024]
+    assert stage_channels(dense, trunk_stages(dense)) == [64, 256, 512, 1024, 1024]
 
 
 def test_a_trunk_without_stages_freezes_by_children_and_is_refused_by_detection():
@@ -101,3 +101,18 @@ def test_pretrain_init_weights_speaks_the_same_vocabulary(tmp_path):
     assert PretrainModule(trunk="resnet3d", trunk_args=small, init_weights="random").transfer_report is None
     with pytest.raises(ModelError, match="architecture, not a registered model"):
         PretrainModule(trunk="resnet3d", trunk_args=small, init_weights="published")
+
+
+def test_a_dilated_resnet_with_resnet_names_has_no_stage_table():
+    import torchvision
+
+    # torchvision's own names, but layers 3-4 dilated instead of strided: stride 8, not 32
+    dilated = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    with pytest.raises(ModelError, match=r"detection needs a trunk each of whose stages after the first halves the "
+                       r"resolution; ResNet has stage strides \[2, 4, 8, 8, 8\] \(dilated or changed stages\)"):  # fmt: skip
+        trunk_stages(dilated, "detection")
+    plain = trunk_stages(torchvision.models.resnet50(weights=None))
+    assert [s.stride for s in plain] == [2, 4, 8, 16, 32]
+    # a 3D ResNet whose first convolution keeps the resolution: the same table, strides measured
+    stem_stride_1 = build_trunk("resnet3d", 1, depth=10, conv1_t_stride=1)[0]
+    assert [s.stride for s in trunk_stages(stem_stride_1)] == [1, 2, 4, 8, 16]

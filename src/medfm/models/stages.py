@@ -9,7 +9,7 @@ A trunk of another family has no stages (no pyramid, no U-Net); its blocks are i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -59,14 +59,25 @@ def trunk_family(trunk: nn.Module) -> str | None:
 
 
 def trunk_stages(trunk: nn.Module, use: str = "this") -> tuple[Stage, ...]:
-    """The trunk's stages; ModelError naming ``use`` (e.g. ``detection``) when its family has none."""
+    """The trunk's stages with their measured strides; ModelError naming ``use`` (e.g. ``detection``) when its
+    family has none, or when its module names fit a family but a stage after the first does not halve the
+    resolution (a dilated ResNet stays at stride 8: its pyramid would be silently wrong). The first stage may keep
+    the input's resolution (a 3D ResNet whose first convolution has stride 1)."""
     family = trunk_family(trunk)
     if family is None:
         raise ModelError(
             f"{use} needs a trunk of the ResNet (2D torchvision, 3D resnet3d) or DenseNet (2D torchvision) family; "
             f"{type(trunk).__name__} has top-level blocks {[n for n, _ in trunk.named_children()]}"
         )
-    return FAMILIES[family]
+    stages = FAMILIES[family]
+    size, shapes = _probe(trunk, stages)
+    measured = [size // shape[-1] for shape in shapes]
+    if any(b != 2 * a for a, b in zip(measured[:-1], measured[1:])):
+        raise ModelError(
+            f"{use} needs a trunk each of whose stages after the first halves the resolution; "
+            f"{type(trunk).__name__} has stage strides {measured} (dilated or changed stages)"
+        )
+    return tuple(replace(stage, stride=m) for stage, m in zip(stages, measured))
 
 
 def trunk_blocks(trunk: nn.Module) -> list[str]:
@@ -91,11 +102,19 @@ def run_stages(trunk: nn.Module, stages: tuple[Stage, ...], x: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def stage_channels(trunk: nn.Module, stages: tuple[Stage, ...], in_channels: int, dims: int) -> list[int]:
-    """The channels of each stage's output, from one pass of a small zero input (the trunk's mode kept)."""
+def _probe(trunk: nn.Module, stages: tuple[Stage, ...]) -> tuple[int, list[tuple[int, ...]]]:
+    """One pass of a small zero input through the stages (the trunk's mode kept): the input's side and each
+    stage output's shape. Input channels and dimensions come from the trunk's first convolution."""
+    conv = next(m for m in trunk.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    dims = conv.weight.ndim - 2
+    size = 32 if dims == 3 else 64
     was_training = trunk.training
     trunk.eval()
-    size = (1, in_channels, *([32] * dims)) if dims == 3 else (1, in_channels, 64, 64)
-    channels = [int(f.shape[1]) for f in run_stages(trunk, stages, torch.zeros(size))]
+    shapes = [tuple(f.shape) for f in run_stages(trunk, stages, torch.zeros(1, conv.in_channels, *[size] * dims))]
     trunk.train(was_training)
-    return channels
+    return size, shapes
+
+
+def stage_channels(trunk: nn.Module, stages: tuple[Stage, ...]) -> list[int]:
+    """The channels of each stage's output, from one pass of a small zero input (the trunk's mode kept)."""
+    return [int(shape[1]) for shape in _probe(trunk, stages)[1]]

@@ -64,7 +64,7 @@ class SegmentationUNet(nn.Module):
         widths = list(decoder_channels or [256, 128, 64, 32, 16])
         if len(widths) != len(self.stages):
             raise ConfigError(f"decoder_channels needs {len(self.stages)} widths (deepest first), got {widths}")
-        skips = stage_channels(encoder, self.stages, self.in_channels, self.dims)
+        skips = stage_channels(encoder, self.stages)
         blocks = []
         previous = skips[-1]
         for skip, width in zip([*skips[-2::-1], 0], widths):
